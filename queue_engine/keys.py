@@ -1,0 +1,38 @@
+"""Every queue name and Redis key the project uses, in one place.
+
+Each model profile has two lanes: ``interactive`` (single jobs, tribunals)
+and ``bulk`` (batch rows). A worker consumes its model's interactive lane
+before its bulk lane.
+"""
+
+PREFIX = "qe"
+LANES = ("interactive", "bulk")
+
+
+def queue_name(model, lane="interactive"):
+    """The Celery queue of ``model``'s ``lane``.
+
+    >>> queue_name("tiny")
+    'qe.tiny.interactive'
+    >>> queue_name("tiny", "bulk")
+    'qe.tiny.bulk'
+    """
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}; choose one of {LANES}")
+    return f"{PREFIX}.{model}.{lane}"
+
+
+def model_queues(model):
+    """Both lanes of ``model``, interactive first.
+
+    >>> model_queues("tiny")
+    ['qe.tiny.interactive', 'qe.tiny.bulk']
+    """
+    return [queue_name(model, lane) for lane in LANES]
+
+
+#: The queue webhook deliveries go to, never a model queue.
+WEBHOOK_QUEUE = f"{PREFIX}.webhooks"
+
+#: Celery task names, so the web can ``send_task`` without importing workers.
+RUN_JOB_TASK = "queue_engine.run_job"

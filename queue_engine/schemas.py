@@ -1,0 +1,131 @@
+"""The request and response shapes of the public API, as pydantic models.
+
+The web layer validates with these and the OpenAPI document is generated
+from them, so the contract and the checks cannot drift apart.
+"""
+
+from datetime import datetime
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Lane = Literal["interactive", "bulk"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Params(_Strict):
+    """Sampling parameters. Unknown keys are refused."""
+
+    max_tokens: int = Field(256, ge=1, description="tokens to generate, at most the model's context length")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] | None = Field(None, max_length=16, description="strings that end generation")
+    seed: int | None = Field(None, description="makes sampling reproducible")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop):
+        if stop is not None and any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+def _check_prompt_or_messages(request):
+    if (request.prompt is None) == (request.messages is None):
+        raise ValueError("give exactly one of 'prompt' or 'messages'")
+    if request.prompt is not None and not request.prompt.strip():
+        raise ValueError("prompt: must not be empty")
+    return request
+
+
+class JobCreate(_Strict):
+    """The body of ``POST /api/v1/jobs``."""
+
+    model: str = Field(min_length=1, max_length=200, description="a configured model profile")
+    prompt: str | None = Field(None, description="plain text prompt; or give messages")
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256, description="chat messages")
+    params: Params = Field(default_factory=Params)
+    webhook_url: str | None = Field(None, max_length=2048, description="called when the job ends")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
+    priority: Lane = Field("interactive", description="the lane: interactive (default) or bulk")
+
+    _one_input = model_validator(mode="after")(_check_prompt_or_messages)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_only(cls, url):
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+        return url
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, metadata):
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return metadata
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: str | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """The job object, as every endpoint returns it."""
+
+    id: str
+    kind: Literal["single", "tribunal", "batch_item"]
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    priority: Lane
+    result: JobResult | None
+    usage: Usage | None
+    error: ErrorInfo | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    metadata: dict[str, str] | None
+
+
+class JobList(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,185 @@
+"""One settings object for every process.
+
+Read once at start-up: defaults, then the TOML file named by
+``QUEUE_ENGINE_CONFIG``, then ``QUEUE_ENGINE_*`` environment variables, each
+overriding the one before. The defaults give the embedded mode (SQLite file,
+in-process broker, the built-in ``tiny`` model). Nothing else in the project
+reads ``os.environ`` for our settings; the object is passed down.
+"""
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SettingsError
+
+ENV_PREFIX = "QUEUE_ENGINE_"
+
+#: The Standard Webhooks retry schedule, in seconds.
+STANDARD_WEBHOOK_DELAYS = (5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SlurmProfile(_Frozen):
+    """How one model's workers are submitted to SLURM (used by ``slurm/``)."""
+
+    gpus: int = Field(1, ge=0, description="GPUs per worker job")
+    cpus: int = Field(4, ge=1, description="CPUs per worker job")
+    mem: str = Field("16G", description="memory per worker job, SLURM syntax")
+    time: str = Field("04:00:00", description="walltime per worker job")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra: list[str] = Field(default_factory=list, description="extra #SBATCH lines")
+    setup: list[str] = Field(default_factory=list, description="shell lines before the worker starts")
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(4, ge=0)
+    target_backlog_per_worker: int = Field(256, ge=1)
+
+
+class ModelProfile(_Frozen):
+    """A model that workers can serve: where it is and how to run it."""
+
+    path: str = Field("tiny", description='a Hugging Face model directory, or "tiny" / "tiny-large" for the built-in model')
+    engine_args: dict = Field(default_factory=dict, description="passed to vLLM's EngineArgs")
+    max_in_flight: int = Field(256, ge=1, le=4096, description="concurrent requests one worker feeds its engine")
+    slurm: SlurmProfile | None = None
+
+    @property
+    def max_model_len(self):
+        """The context length the engine is told to use (prompt plus output)."""
+        return int(self.engine_args.get("max_model_len", 512))
+
+
+class TribunalSettings(_Frozen):
+    bypass_backlog: int = Field(500, ge=0, description="auto-bypass above this backlog")
+
+
+class AutoscalerSettings(_Frozen):
+    interval: float = Field(5.0, gt=0, description="seconds between scaling decisions")
+    idle_grace: float = Field(120.0, ge=0, description="idle seconds before scale-in")
+
+
+def _default_data_dir():
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "queue-engine"
+
+
+def _default_models():
+    return {"tiny": ModelProfile(path="tiny", engine_args={"max_model_len": 512, "seed": 0})}
+
+
+class Settings(_Frozen):
+    """Every setting, with its default. See the README for the full table."""
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, built models, uploads")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file in data_dir")
+    broker_url: str | None = Field(None, description="redis://... for cluster mode; unset = embedded")
+    webhook_allow: list[str] = Field(default_factory=list, description="CIDRs webhook targets may resolve into")
+    webhook_retry_delays: list[float] = Field(default_factory=lambda: list(STANDARD_WEBHOOK_DELAYS))
+    engine: Literal["vllm"] = Field("vllm", description="the inference engine workers run")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body accepted")
+    max_attempts: int = Field(3, ge=1, description="tries per job before it fails")
+    lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; renewed by its worker")
+    visibility_timeout: float = Field(3600.0, gt=0, description="seconds before Redis redelivers an unacked message")
+    retry_delay: float = Field(2.0, ge=0, description="seconds before a failed engine call is retried")
+    tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
+    autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
+    models: dict[str, ModelProfile] = Field(default_factory=_default_models)
+
+    @field_validator("models")
+    @classmethod
+    def _keep_tiny(cls, models):
+        """The ``tiny`` profile exists unless the configuration overrides it."""
+        return {**_default_models(), **models}
+
+    @property
+    def is_embedded(self):
+        """True when no broker is configured: ``serve`` runs a worker inside."""
+        return not self.broker_url
+
+    @property
+    def sqlalchemy_url(self):
+        return self.database_url or f"sqlite:///{self.data_dir / 'queue-engine.db'}"
+
+    @property
+    def models_dir(self):
+        return self.data_dir / "models"
+
+    def profile(self, name):
+        """The model profile called ``name``.
+
+        Raises:
+            SettingsError: no such profile is configured.
+        """
+        try:
+            return self.models[name]
+        except KeyError:
+            raise SettingsError(
+                f"no model profile {name!r}; configured: {', '.join(sorted(self.models))}"
+            ) from None
+
+
+#: Environment variables holding lists, as comma-separated text.
+_LIST_FIELDS = {"webhook_allow", "webhook_retry_delays"}
+#: Top-level fields that cannot be set from the environment (tables).
+_TABLE_FIELDS = {"tribunal", "autoscaler", "models"}
+
+
+def load_settings(environ=None, **overrides):
+    """Build :class:`Settings` from the TOML file and the environment.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+        **overrides: values that win over both (used by tests and the CLI).
+
+    Raises:
+        SettingsError: the file is missing or malformed, or a value is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    values = {}
+    config_path = environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        values.update(_read_toml(config_path))
+    values.update(_read_env(environ))
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        source = f" (config file {config_path!r})" if config_path else ""
+        raise SettingsError(f"invalid settings{source}: {problems}") from e
+
+
+def _read_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"QUEUE_ENGINE_CONFIG names {path!r}, which does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"cannot parse the config file {path!r}: {e}") from e
+
+
+def _read_env(environ):
+    values = {}
+    for name in Settings.model_fields:
+        if name in _TABLE_FIELDS:
+            continue
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if name in _LIST_FIELDS:
+            values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+        else:
+            values[name] = raw
+    return values

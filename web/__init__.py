@@ -1,0 +1,35 @@
+"""The Flask web service: the public HTTP API in front of the database and the queues."""
+
+from flask import Flask
+
+from queue_engine.db import make_engine, make_session_factory
+from queue_engine.settings import load_settings
+from workers.celery_app import make_celery
+
+from . import db, errors, health, jobs, openapi
+
+
+def create_app(settings=None, celery_app=None):
+    """Build the web app.
+
+    Args:
+        settings: the :class:`~queue_engine.settings.Settings`; read from the
+            environment when omitted.
+        celery_app: the Celery app to enqueue on; built from ``settings``
+            when omitted (embedded mode passes the one its worker uses).
+    """
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    engine = make_engine(settings.sqlalchemy_url)
+    app.extensions["qe_settings"] = settings
+    app.extensions["qe_db_engine"] = engine
+    app.extensions["qe_sessions"] = make_session_factory(engine)
+    app.extensions["celery"] = celery_app or make_celery(settings)
+    db.init_app(app)
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(openapi.bp)
+    return app

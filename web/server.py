@@ -1,0 +1,52 @@
+"""Running the web service: waitress in front of the Flask app, and in
+embedded mode an in-process worker beside it."""
+
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy import func, select
+from waitress.server import create_server
+
+from queue_engine.apikeys import create_api_key
+from queue_engine.db import make_engine, make_session_factory, transaction
+from queue_engine.models import ApiKey
+
+from . import create_app
+
+log = logging.getLogger(__name__)
+
+#: Threads waitress serves requests with.
+WEB_THREADS = 16
+
+
+def embedded_key_path(settings):
+    return Path(settings.data_dir) / "embedded-api-key"
+
+
+def ensure_embedded_key(settings):
+    """On the first start of an empty database, create a key and keep it for the owner.
+
+    Returns:
+        The key in clear if this call created it, else None.
+    """
+    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    with transaction(sessions) as session:
+        if session.scalar(select(func.count()).select_from(ApiKey)):
+            return None
+        new_key = create_api_key(session, "embedded")
+    path = embedded_key_path(settings)
+    path.write_text(new_key.key + "\n")
+    os.chmod(path, 0o600)
+    return new_key.key
+
+
+def build_server(settings, celery_app=None, host="127.0.0.1", port=8000):
+    """Prepare the service; call ``.run()`` on the result to serve.
+
+    In embedded mode pass the Celery app whose in-process worker was started
+    (``workers.runtime.start_embedded_workers``), so web and worker share
+    the in-process broker.
+    """
+    app = create_app(settings, celery_app)
+    return create_server(app, host=host, port=port, threads=WEB_THREADS)

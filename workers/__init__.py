@@ -1,0 +1,1 @@
+"""Celery workers: the app, its tasks, the inference engine and the loop that feeds it."""

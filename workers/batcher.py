@@ -1,0 +1,117 @@
+"""The engine loop: one thread that owns the engine and batches continuously.
+
+Celery runs a few hundred task threads; each hands its request to
+:meth:`EngineLoop.submit` and waits on the returned future. The loop thread
+adds every new request to the engine before each step, so a request that
+arrives while others are generating joins the running batch at the next step
+instead of waiting for the whole batch to finish.
+"""
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+from queue_engine.errors import EngineRejectedError
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoopStopped(RuntimeError):
+    """The loop was stopped before the request finished."""
+
+
+class EngineLoop:
+    """Feeds one engine from many threads.
+
+    Args:
+        engine: has ``add(request)``, ``step() -> [(request_id, result)]``,
+            ``abort(request_id)`` and ``max_num_seqs``.
+        idle_wait: seconds the thread blocks for new work when it has none.
+    """
+
+    def __init__(self, engine, idle_wait=0.05):
+        self._engine = engine
+        self._idle_wait = idle_wait
+        self._inbox = queue.SimpleQueue()
+        self._futures = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=10):
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    @property
+    def in_flight(self):
+        return len(self._futures)
+
+    def submit(self, request):
+        """Hand ``request`` to the engine; the future resolves to its result."""
+        if self._stopping.is_set():
+            raise EngineLoopStopped("the engine loop is stopping; not taking new requests")
+        future = Future()
+        self._inbox.put(("add", request, future))
+        return future
+
+    def abort(self, request_id):
+        """Stop generating ``request_id`` (its job was cancelled or lost)."""
+        self._inbox.put(("abort", request_id, None))
+
+    def _run(self):
+        while not self._stopping.is_set():
+            self._take_new_requests(block=not self._futures)
+            if self._futures:
+                self._step()
+        for future in self._futures.values():
+            future.set_exception(EngineLoopStopped("the engine loop stopped"))
+
+    def _take_new_requests(self, block):
+        try:
+            item = self._inbox.get(timeout=self._idle_wait) if block else self._inbox.get_nowait()
+            while True:
+                self._handle(*item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle(self, action, payload, future):
+        if action == "abort":
+            if self._futures.pop(payload, None) is not None:
+                self._engine.abort(payload)
+                metrics.REQUESTS.labels("aborted").inc()
+            return
+        try:
+            self._engine.add(payload)
+        except EngineRejectedError as e:
+            metrics.REQUESTS.labels("rejected").inc()
+            future.set_exception(e)
+            return
+        self._futures[payload.request_id] = future
+
+    def _step(self):
+        batch = min(len(self._futures), self._engine.max_num_seqs)
+        metrics.BATCH_SIZE.observe(batch)
+        metrics.IN_FLIGHT.set(len(self._futures))
+        try:
+            finished = self._engine.step()
+        except Exception as e:
+            # A broken step fails everything in it; the tasks decide on retries.
+            log.exception("engine step failed with %d requests in flight", len(self._futures))
+            for request_id, future in self._futures.items():
+                self._engine.abort(request_id)
+                future.set_exception(e)
+            metrics.REQUESTS.labels("error").inc(len(self._futures))
+            self._futures.clear()
+            return
+        for request_id, result in finished:
+            future = self._futures.pop(request_id, None)
+            if future is not None:
+                metrics.REQUESTS.labels("finished").inc()
+                future.set_result(result)

@@ -1,0 +1,47 @@
+"""The Celery app, built from the same Settings as everything else.
+
+Generations go to the database, never to a Celery result backend. Tasks are
+acknowledged late and requeued if their worker dies; the job leases in
+``queue_engine.jobs`` make a redelivered message safe.
+"""
+
+from celery import Celery
+
+from queue_engine import keys
+
+from . import tasks
+
+#: kombu polls the in-process broker once a second unless told otherwise.
+MEMORY_POLLING_INTERVAL = 0.005
+
+
+def make_celery(settings):
+    """A Celery app for ``settings``: Redis in cluster mode, in-process when embedded."""
+    broker = settings.broker_url or "memory://"
+    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    if settings.is_embedded:
+        transport_options["polling_interval"] = MEMORY_POLLING_INTERVAL
+    app = Celery("queue_engine", broker=broker, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        # Fail fast when the broker is down, so the web can answer 503 quickly.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=keys.queue_name(next(iter(settings.models))),
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    app.qe_settings = settings
+    tasks.register_tasks(app)
+    return app
+
+
+def send_job(app, job):
+    """Put ``job`` on its model's queue, in its lane."""
+    app.send_task(keys.RUN_JOB_TASK, args=[job.id], queue=keys.queue_name(job.model, job.lane))

@@ -1,0 +1,156 @@
+"""The inference engine: vLLM in-process, wrapped to the few calls the loop needs.
+
+vLLM's ``LLMEngine`` is driven step by step (``add_request`` / ``step``), which
+is what lets requests that arrive mid-way join the running batch. Every call
+must come from the one thread that owns the engine (see ``batcher.py``).
+"""
+
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from queue_engine.errors import EngineRejectedError
+
+from . import tiny_model
+
+log = logging.getLogger(__name__)
+
+#: Built-in model names a profile's ``path`` may use, and the size each builds.
+BUILT_IN_MODELS = {"tiny": "small", "tiny-large": "large"}
+
+#: Environment vLLM needs to run well in-process on a CPU (notes/vllm-on-cpu.md).
+VLLM_CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt (or chat) and its sampling parameters, as the loop takes it."""
+
+    request_id: str
+    params: dict
+    prompt: str | None = None
+    messages: list | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything needed to build an engine for one model profile."""
+
+    model_dir: str
+    engine_args: dict = field(default_factory=dict)
+    max_num_seqs: int = 256
+
+    @classmethod
+    def from_profile(cls, profile, settings, log=log.info):
+        """Resolve the profile's model path, building the tiny model if needed."""
+        return cls(
+            model_dir=str(resolve_model_dir(profile.path, settings.models_dir, log)),
+            engine_args=dict(profile.engine_args),
+            max_num_seqs=min(profile.max_in_flight, 1024),
+        )
+
+
+def resolve_model_dir(path, models_dir, log=log.info):
+    """The model directory for a profile's ``path``; builds built-in models once.
+
+    Concurrent workers wait on a file lock, and the build goes to a temporary
+    directory renamed into place, so nobody ever loads a half-built model.
+    """
+    if path not in BUILT_IN_MODELS:
+        return Path(path)
+    target = Path(models_dir) / f"{path}-v{tiny_model.BUILD_VERSION}"
+    if tiny_model.is_built(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not tiny_model.is_built(target):
+            log(f"building the built-in model {path!r} into {target} (once; about a minute)")
+            scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+            tiny_model.build_tiny_model(scratch, BUILT_IN_MODELS[path], log=log)
+            shutil.rmtree(target, ignore_errors=True)
+            scratch.rename(target)
+    return target
+
+
+def configure_vllm_environment():
+    """Set vLLM's in-process CPU settings, unless the operator set them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for name, value in VLLM_CPU_ENV.items():
+            os.environ.setdefault(name, value)
+
+
+class VllmEngine:
+    """A vLLM ``LLMEngine`` in this process, fed one request at a time."""
+
+    def __init__(self, engine_settings):
+        configure_vllm_environment()
+        from vllm import EngineArgs, LLMEngine
+
+        args = {
+            "model": engine_settings.model_dir,
+            "max_num_seqs": engine_settings.max_num_seqs,
+            "enforce_eager": True,
+            **engine_settings.engine_args,
+        }
+        if "dtype" not in args and os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+            args["dtype"] = "float32"
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**args))
+        self._tokenizer = self._engine.get_tokenizer()
+        self.max_num_seqs = engine_settings.max_num_seqs
+        self.max_model_len = self._engine.model_config.max_model_len
+
+    def add(self, request):
+        """Queue ``request`` in the engine.
+
+        Raises:
+            EngineRejectedError: vLLM refused it (e.g. the prompt is too long).
+        """
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+
+        if request.messages is not None:
+            prompt = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = request.prompt
+        try:
+            self._engine.add_request(request.request_id, prompt, SamplingParams(**request.params))
+        except (VLLMValidationError, ValueError) as e:
+            raise EngineRejectedError(str(e)) from e
+
+    def step(self):
+        """Run one engine step; returns ``(request_id, Generation)`` for each finished request."""
+        finished = []
+        for output in self._engine.step():
+            if output.finished:
+                completion = output.outputs[0]
+                generation = Generation(
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_tokens=len(output.prompt_token_ids or ()),
+                    completion_tokens=len(completion.token_ids),
+                )
+                finished.append((output.request_id, generation))
+        return finished
+
+    def abort(self, request_id):
+        self._engine.abort_request([request_id])

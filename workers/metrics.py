@@ -1,0 +1,11 @@
+"""Prometheus metrics a worker exposes (``queue-engine worker --metrics-port``)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCH_SIZE = Histogram(
+    "qe_engine_batch_size",
+    "Requests in the engine batch at each step",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+IN_FLIGHT = Gauge("qe_engine_in_flight", "Requests the engine loop holds")
+REQUESTS = Counter("qe_engine_requests_total", "Requests the engine loop finished, by outcome", ["outcome"])

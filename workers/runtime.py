@@ -1,0 +1,93 @@
+"""What a worker process holds: its engine loop, database sessions and identity,
+and the code that starts a Celery worker around them.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from queue_engine import jobs, keys
+from queue_engine.db import make_engine, make_session_factory, upgrade_database
+
+from .batcher import EngineLoop
+from .celery_app import make_celery
+from .engine import EngineSettings, VllmEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: object
+    model: str
+    sessions: object
+    loop: EngineLoop
+    worker_id: str
+
+
+def load_runtime(celery_app, model, log=log.info):
+    """Build the engine for ``model`` once, start its loop, attach it to ``celery_app``."""
+    settings = celery_app.qe_settings
+    profile = settings.profile(model)
+    engine_settings = EngineSettings.from_profile(profile, settings, log=log)
+    log(f"loading {model!r} from {engine_settings.model_dir}")
+    engine = VllmEngine(engine_settings)
+    runtime = WorkerRuntime(
+        settings=settings,
+        model=model,
+        sessions=make_session_factory(make_engine(settings.sqlalchemy_url)),
+        loop=EngineLoop(engine).start(),
+        worker_id=jobs.worker_identity(),
+    )
+    celery_app.qe_runtime = runtime
+    # Celery's threads pool looks tasks up on the process's default app.
+    celery_app.set_default()
+    return runtime
+
+
+def worker_options(settings, model, concurrency=None):
+    """The Celery worker options for a worker that serves ``model``."""
+    return {
+        "pool": "threads",
+        "concurrency": concurrency or settings.profile(model).max_in_flight,
+        "queues": keys.model_queues(model),
+        "hostname": f"{model}@%h",
+        "without_mingle": True,
+        "without_gossip": True,
+        "prefetch_multiplier": 1,
+    }
+
+
+def run_worker(celery_app, model, concurrency=None, loglevel="INFO"):
+    """Run a Celery worker for ``model`` in this process until it is told to stop.
+
+    SIGTERM is a warm shutdown: the worker stops taking messages, finishes
+    what it holds and exits; unacknowledged messages go back to the queue.
+    """
+    runtime = load_runtime(celery_app, model)
+    worker = celery_app.Worker(loglevel=loglevel, **worker_options(celery_app.qe_settings, model, concurrency))
+    try:
+        worker.start()
+    finally:
+        runtime.loop.stop()
+    return worker.exitcode
+
+
+def start_embedded_worker(settings, model, log=log.info):
+    """Embedded mode: migrate the database and run a worker for ``model`` in a
+    background thread of this process, on the in-process broker.
+
+    Call it before Flask is imported: vLLM 0.32 scans every loaded module
+    while it starts and trips over werkzeug's unbound context proxies.
+
+    Returns:
+        The Celery app, for the web side to enqueue on.
+    """
+    upgrade_database(settings.sqlalchemy_url)
+    celery_app = make_celery(settings)
+    load_runtime(celery_app, model, log=log)
+    controller = celery_app.WorkController(
+        loglevel="WARNING", without_heartbeat=True, **worker_options(settings, model)
+    )
+    threading.Thread(target=controller.start, name="embedded-worker", daemon=True).start()
+    return celery_app
