@@ -67,8 +67,9 @@ class AutoscalerSettings(_Frozen):
     idle_grace: float = Field(120.0, ge=0, description="idle seconds before scale-in")
 
 
-def _default_data_dir():
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+def default_data_dir(environ=os.environ):
+    """``$XDG_DATA_HOME/queue-engine``, i.e. ``~/.local/share/queue-engine``."""
+    base = environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "queue-engine"
 
 
@@ -79,7 +80,7 @@ def _default_models():
 class Settings(_Frozen):
     """Every setting, with its default. See the README for the full table."""
 
-    data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, built models, uploads")
+    data_dir: Path = Field(default_factory=default_data_dir, description="SQLite file, built models, uploads")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file in data_dir")
     broker_url: str | None = Field(None, description="redis://... for cluster mode; unset = embedded")
     webhook_allow: list[str] = Field(default_factory=list, description="CIDRs webhook targets may resolve into")
@@ -88,7 +89,10 @@ class Settings(_Frozen):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body accepted")
     max_attempts: int = Field(3, ge=1, description="tries per job before it fails")
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; renewed by its worker")
-    visibility_timeout: float = Field(3600.0, gt=0, description="seconds before Redis redelivers an unacked message")
+    visibility_timeout: float = Field(
+        300.0, gt=0,
+        description="seconds before Redis redelivers an unacknowledged message (a dead worker's); leases make early redelivery safe",
+    )
     retry_delay: float = Field(2.0, ge=0, description="seconds before a failed engine call is retried")
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
@@ -149,6 +153,7 @@ def load_settings(environ=None, **overrides):
     if config_path:
         values.update(_read_toml(config_path))
     values.update(_read_env(environ))
+    values.setdefault("data_dir", default_data_dir(environ))
     values.update(overrides)
     try:
         return Settings(**values)

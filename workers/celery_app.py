@@ -18,9 +18,16 @@ MEMORY_POLLING_INTERVAL = 0.005
 def make_celery(settings):
     """A Celery app for ``settings``: Redis in cluster mode, in-process when embedded."""
     broker = settings.broker_url or "memory://"
-    transport_options = {"visibility_timeout": settings.visibility_timeout}
     if settings.is_embedded:
-        transport_options["polling_interval"] = MEMORY_POLLING_INTERVAL
+        transport_options = {"polling_interval": MEMORY_POLLING_INTERVAL}
+    else:
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for a dead worker's messages a few times per timeout, so
+            # they come back soon after it expires (kombu's default: 100 s).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
+        }
     app = Celery("queue_engine", broker=broker, set_as_current=False)
     app.conf.update(
         broker_transport_options=transport_options,

@@ -1,0 +1,93 @@
+"""Small tools the tests share: free ports, waiting on conditions, servers."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import jsonschema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout, message, interval=0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A real redis-server on a free port, owned by the test run."""
+
+    def __init__(self, directory):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, 10, f"redis-server on port {self.port}")
+
+    def ping(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def stop_process(process, sig=signal.SIGTERM, timeout=30):
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def spawn(args, env, log_path):
+    """Start a ``queue-engine`` subprocess with its output in ``log_path``."""
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "queue-engine") if (ROOT / ".venv").exists() else "queue-engine", *args],
+        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+
+
+def response_schema(spec, path, method, status):
+    """The JSON schema the OpenAPI document gives for one response."""
+    schema = spec["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+    return {**schema, "components": spec["components"]}
+
+
+def assert_matches_openapi(spec, path, method, response):
+    """Validate a response's status and body against the OpenAPI document."""
+    body = response.json() if hasattr(response, "json") and callable(response.json) else response.get_json()
+    status = response.status_code
+    jsonschema.validate(body, response_schema(spec, path, method, status))
+    return body
