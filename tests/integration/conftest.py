@@ -1,0 +1,132 @@
+"""Real parts: a redis-server on a free port, `queue-engine worker` subprocesses
+running vLLM (the CPU build) on the tiny model, the web app over real HTTP,
+and PostgreSQL."""
+
+import os
+import re
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from queue_engine.client import Client
+from queue_engine.settings import load_settings
+from tests.conftest import make_key
+from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until
+from workers.engine import resolve_model_dir
+
+MODEL_CACHE = Path(os.environ.get("QUEUE_ENGINE_TEST_CACHE", Path.home() / ".cache" / "queue-engine-tests"))
+WORKER_START_TIMEOUT = 240
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The tiny model, built once per machine (about a minute) and reused."""
+    return resolve_model_dir("tiny", MODEL_CACHE, log=print)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+class Cluster:
+    """Cluster mode on one machine: web in this process, workers as subprocesses."""
+
+    def __init__(self, directory, tiny_model_dir, redis_url, database_url, **settings):
+        self.directory = directory
+        config = directory / "queue-engine.toml"
+        config.write_text(
+            f'[models.tiny]\npath = "{tiny_model_dir}"\n'
+            "engine_args = { max_model_len = 512, seed = 0 }\nmax_in_flight = 128\n"
+        )
+        self.env = {
+            "QUEUE_ENGINE_CONFIG": str(config),
+            "QUEUE_ENGINE_BROKER_URL": redis_url,
+            "QUEUE_ENGINE_DATABASE_URL": database_url,
+            "QUEUE_ENGINE_DATA_DIR": str(directory / "data"),
+            **{f"QUEUE_ENGINE_{name.upper()}": str(value) for name, value in settings.items()},
+        }
+        self.settings = load_settings(environ=self.env)
+        self.workers = []
+        self._start_web()
+
+    def _start_web(self):
+        from web.server import build_server
+
+        self.server = build_server(self.settings, port=0)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+    def new_client(self):
+        from queue_engine.db import make_engine, make_session_factory
+
+        key, _ = make_key(make_session_factory(make_engine(self.settings.sqlalchemy_url)), f"k-{secrets.token_hex(4)}")
+        return Client(self.url, key.key)
+
+    def start_worker(self, wait=True):
+        """Start `queue-engine worker --model tiny`; by default wait until it has run a job."""
+        port = free_port()
+        log_path = self.directory / f"worker-{len(self.workers)}.log"
+        process = spawn(["worker", "--model", "tiny", "--metrics-port", str(port)], self.env, log_path)
+        worker = Worker(process, port, log_path)
+        self.workers.append(worker)
+        if wait:
+            self.wait_for_worker(worker)
+        return worker
+
+    def wait_for_worker(self, worker):
+        client = self.new_client()
+        job = client.submit_job({"model": "tiny", "prompt": "warm up", "params": {"max_tokens": 2}})
+
+        def done():
+            assert worker.process.poll() is None, f"worker exited; see {worker.log_path}:\n{worker.log_tail()}"
+            return client.get_job(job["id"])["status"] == "succeeded"
+
+        wait_until(done, WORKER_START_TIMEOUT, f"the worker to run a first job (log: {worker.log_path})", 0.5)
+
+    def stop(self):
+        for worker in self.workers:
+            stop_process(worker.process)
+        self.server.close()
+
+
+class Worker:
+    def __init__(self, process, metrics_port, log_path):
+        self.process, self.metrics_port, self.log_path = process, metrics_port, log_path
+
+    def metrics(self):
+        """The worker's Prometheus samples as ``{name{labels}: value}``."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        samples = {}
+        for line in text.splitlines():
+            match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([\d.e+-]+|NaN|\+Inf)$", line)
+            if match:
+                samples[match.group(1)] = float(match.group(2))
+        return samples
+
+    def log_tail(self, lines=40):
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def cluster_database_url(request):
+    """PostgreSQL, as a cluster runs; SQLite only where no PostgreSQL is reachable."""
+    try:
+        return request.getfixturevalue("postgres_url")
+    except pytest.skip.Exception:
+        return request.getfixturevalue("sqlite_url")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir, redis_server, cluster_database_url):
+    """Web + one warm worker, shared by a test module."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), tiny_model_dir, redis_server.url, cluster_database_url,
+                      lease_seconds=3)
+    cluster.start_worker()
+    yield cluster
+    cluster.stop()

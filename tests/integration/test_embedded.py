@@ -1,0 +1,66 @@
+"""Embedded mode: `queue-engine serve` with no configuration answers jobs with
+no Redis, using its in-process broker and worker."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import requests
+
+from queue_engine.client import Client
+from tests.helpers import ROOT, free_port, spawn, stop_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_model_dir):
+    directory = tmp_path_factory.mktemp("embedded")
+    config = directory / "queue-engine.toml"
+    config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n')
+    env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(directory / "data")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")}, **env}
+    port = free_port()
+    log_path = directory / "serve.log"
+    process = spawn(["serve", "--port", str(port)], env, log_path)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert process.poll() is None, log_path.read_text()
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, 240, f"the embedded server (log: {log_path})", 0.5)
+    key = (directory / "data" / "embedded-api-key").read_text().strip()
+    yield {"url": url, "key": key, "env": env, "log": log_path}
+    stop_process(process)
+
+
+def test_embedded_serve_prints_a_key_and_answers_a_job(embedded):
+    """First start prints the key it created; a job succeeds with no Redis anywhere."""
+    assert f"created an API key (kept in" in embedded["log"].read_text()
+    assert embedded["key"] in embedded["log"].read_text()
+    client = Client(embedded["url"], embedded["key"])
+    job = client.wait_for_job(client.submit_job({"model": "tiny", "prompt": "The list", "params": {"max_tokens": 8}})["id"], 120)
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] > 0
+    ready = requests.get(embedded["url"] + "/readyz", timeout=5).json()
+    assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_cli_submit_wait_and_status(embedded):
+    """`queue-engine submit --wait` prints the text; `status` prints the job as JSON."""
+    env = {**embedded["env"], "QUEUE_ENGINE_URL": embedded["url"], "QUEUE_ENGINE_API_KEY": embedded["key"]}
+    cli = str(ROOT / ".venv" / "bin" / "queue-engine") if (ROOT / ".venv").exists() else "queue-engine"
+    submitted = subprocess.run([cli, "submit", "--prompt", "Hello", "--max-tokens", "4"],
+                               env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("job_")
+    waited = subprocess.run([cli, "submit", "--prompt", "Hello", "--max-tokens", "4", "--wait"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
+    status = subprocess.run([cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)["id"] == job_id

@@ -1,0 +1,61 @@
+"""The command line: exit codes and output."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from queue_engine.apikeys import hash_key
+from queue_engine.cli import main
+from queue_engine.db import make_engine
+from queue_engine.models import ApiKey
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"QUEUE_ENGINE_DATA_DIR": str(tmp_path), "QUEUE_ENGINE_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db",
+            "QUEUE_ENGINE_CONFIG": ""}
+
+
+def test_keys_create_json_prints_key_once_and_stores_only_a_hash(env):
+    """`keys create NAME --json` prints {name, key, webhook_secret}; the database holds only the hash."""
+    result = CliRunner().invoke(main, ["keys", "create", "alice", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.output.strip().splitlines()[-1])
+    assert set(created) == {"name", "key", "webhook_secret"} and created["name"] == "alice"
+    assert created["webhook_secret"].startswith("whsec_")
+    engine = make_engine(env["QUEUE_ENGINE_DATABASE_URL"])
+    with engine.connect() as connection:
+        stored = connection.execute(select(ApiKey.key_hash)).scalars().all()
+    assert stored == [hash_key(created["key"])]
+
+
+def test_keys_create_duplicate_name_fails_clearly(env):
+    """A second key with the same name exits non-zero and says why."""
+    runner = CliRunner()
+    assert runner.invoke(main, ["keys", "create", "bob"], env=env).exit_code == 0
+    result = runner.invoke(main, ["keys", "create", "bob"], env=env)
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_db_upgrade_is_idempotent(env):
+    """`db upgrade` can run twice."""
+    runner = CliRunner()
+    for _ in range(2):
+        result = runner.invoke(main, ["db", "upgrade"], env=env)
+        assert result.exit_code == 0 and "up to date" in result.output
+
+
+def test_worker_with_unknown_model_exits_with_the_configured_names(env):
+    """`worker --model X` for an unknown profile fails before loading anything."""
+    result = CliRunner().invoke(main, ["worker", "--model", "nope"], env=env)
+    assert result.exit_code == 1 and "configured: tiny" in result.output
+
+
+def test_every_command_has_help():
+    """`--help` works on each command of the contract."""
+    for command in (["serve"], ["worker"], ["submit"], ["status"], ["keys", "create"], ["db", "upgrade"],
+                    ["models", "build-tiny"], ["demo"]):
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output
