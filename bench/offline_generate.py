@@ -1,0 +1,36 @@
+"""Offline baseline: vLLM's own ``LLM.generate`` on all prompts in one call.
+
+Run as a subprocess by ``throughput.py``; prints one JSON object.
+"""
+
+import argparse
+import json
+import time
+
+from workers.engine import configure_vllm_environment
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--prompts", required=True, help="a JSON file with a list of prompts")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    args = parser.parse_args()
+    configure_vllm_environment()
+    from vllm import LLM, SamplingParams
+
+    prompts = json.load(open(args.prompts))
+    llm = LLM(model=args.model_dir, dtype="float32", enforce_eager=True, max_model_len=512,
+              max_num_seqs=args.max_num_seqs, seed=0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up, as the worker's first job is
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({"elapsed_s": elapsed, "completion_tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Throughput of the spine, side by side in one run:
+
+(a) N prompts as single jobs through HTTP + Redis + a `queue-engine worker`,
+(b) the same prompts through vLLM's offline ``LLM.generate`` (one call),
+(c) the same prompts through a naive worker that runs one prompt per engine call.
+
+Same model profile (the larger tiny variant by default), greedy decoding, so
+all three generate the same tokens. Prints the figures as one JSON object on
+its last line.
+
+    python bench/throughput.py [--prompts 512] [--max-tokens 32] [--model tiny-large]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from queue_engine.apikeys import create_api_key  # noqa: E402
+from queue_engine.client import Client  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from queue_engine.db import make_engine, make_session_factory, transaction, upgrade_database  # noqa: E402
+from queue_engine.models import Job  # noqa: E402
+from queue_engine.settings import load_settings  # noqa: E402
+from tests.helpers import RedisServer, free_port, stop_process, wait_until  # noqa: E402
+from workers.engine import resolve_model_dir  # noqa: E402
+
+CACHE = Path(os.environ.get("QUEUE_ENGINE_BENCH_CACHE", Path.home() / ".cache" / "queue-engine-bench"))
+PYTHON = sys.executable
+
+
+def make_prompts(n):
+    subjects = ["the list type", "a function", "the import system", "exceptions", "a dictionary",
+                "the with statement", "class instances", "the for loop"]
+    return [f"Question {i}: explain {subjects[i % len(subjects)]}." for i in range(n)]
+
+
+def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
+    out = subprocess.run(
+        [PYTHON, str(ROOT / "bench" / "offline_generate.py"), "--model-dir", str(model_dir), "--prompts",
+         str(prompts_file), "--max-tokens", str(max_tokens), "--max-num-seqs", str(max_num_seqs)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_through_service(env, settings, command, prompts, max_tokens, log_path, model):
+    """Start a worker with ``command``, warm it up, then time all prompts as HTTP jobs."""
+    from web.server import build_server
+
+    server = build_server(settings, port=0)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    with transaction(sessions) as session:
+        client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
+    worker = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        warm = client.submit_job({"model": model, "prompt": "warm up", "params": {"max_tokens": 4}})
+        client.wait_for_job(warm["id"], timeout=600)
+        body = lambda p: {"model": model, "prompt": p, "params": {"max_tokens": max_tokens, "temperature": 0}}  # noqa: E731
+        started = datetime.now(timezone.utc)
+        with ThreadPoolExecutor(16) as pool:
+            ids = [job["id"] for job in pool.map(lambda p: client.submit_job(body(p)), prompts)]
+        submitted = datetime.now(timezone.utc)
+        # Wait on the database, not by polling every job over HTTP: on two
+        # cores, thousands of polls would steal the CPU the engine needs.
+        wait_until(lambda: count_finished(sessions, ids) == len(ids), 1800, "every job to finish", 0.2)
+        finished = [client.get_job(job_id) for job_id in ids]
+    finally:
+        stop_process(worker)
+        server.close()
+    assert all(job["status"] == "succeeded" for job in finished), [j["error"] for j in finished if j["error"]][:3]
+    last = max(datetime.fromisoformat(job["finished_at"]) for job in finished)
+    return {"elapsed_s": (last - started).total_seconds(), "submit_s": (submitted - started).total_seconds(),
+            "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished)}
+
+
+def count_finished(sessions, ids):
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(Job).where(
+            Job.id.in_(ids), Job.status.in_(["succeeded", "failed", "cancelled"])))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument("--naive-prompts", type=int, default=128,
+                        help="prompts for (c); it is slow, and its rate does not depend on the count")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--model", default="tiny-large", choices=["tiny", "tiny-large"])
+    parser.add_argument("--max-in-flight", type=int, default=256)
+    parser.add_argument("--database-url", default=None, help="default: a SQLite file in a temporary directory")
+    args = parser.parse_args()
+
+    model_dir = resolve_model_dir(args.model, CACHE, log=print)
+    prompts = make_prompts(args.prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prompts_file = tmp / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        redis = RedisServer(tmp)
+        config = tmp / "queue-engine.toml"
+        config.write_text(f'[models.{args.model}]\npath = "{model_dir}"\n'
+                          f"engine_args = {{ max_model_len = 512, seed = 0 }}\nmax_in_flight = {args.max_in_flight}\n")
+        database_url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
+        upgrade_database(database_url)
+        env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_BROKER_URL": redis.url,
+               "QUEUE_ENGINE_DATABASE_URL": database_url, "QUEUE_ENGINE_DATA_DIR": str(tmp / "data")}
+        settings = load_settings(environ=env)
+        try:
+            print(f"(b) offline LLM.generate, {args.prompts} prompts x {args.max_tokens} tokens ...", flush=True)
+            offline = offline_generate(model_dir, prompts_file, args.max_tokens, args.max_in_flight)
+            print(f"(a) HTTP + Redis + batching worker ...", flush=True)
+            service = run_through_service(
+                env, settings, [PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "worker", "--model", args.model],
+                prompts, args.max_tokens, tmp / "worker.log", args.model)
+            print(f"(c) HTTP + Redis + naive one-prompt-per-call worker, {args.naive_prompts} prompts ...", flush=True)
+            naive = {"elapsed_s": float("nan"), "completion_tokens": float("nan")} if args.skip_naive else run_through_service(
+                env, settings, [PYTHON, str(ROOT / "bench" / "naive_worker.py"), args.model],
+                prompts[:args.naive_prompts], args.max_tokens, tmp / "naive.log", args.model)
+        finally:
+            redis.stop()
+
+    rate = lambda r: r["completion_tokens"] / r["elapsed_s"]  # noqa: E731
+    figures = {
+        "benchmark": "throughput",
+        "model": args.model,
+        "prompts": args.prompts,
+        "naive_prompts": args.naive_prompts,
+        "max_tokens": args.max_tokens,
+        "service_tokens_per_s": round(rate(service), 1),
+        "offline_tokens_per_s": round(rate(offline), 1),
+        "naive_tokens_per_s": round(rate(naive), 1),
+        "service_s": round(service["elapsed_s"], 2),
+        "service_submit_s": round(service["submit_s"], 2),
+        "offline_s": round(offline["elapsed_s"], 2),
+        "naive_s": round(naive["elapsed_s"], 2),
+        "ratio_service_vs_offline": round(rate(service) / rate(offline), 3),
+        "ratio_service_vs_naive": round(rate(service) / rate(naive), 2),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

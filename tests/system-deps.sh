@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite starts itself (Debian/Ubuntu).
+# Package maintainer scripts are kept from starting services of their own.
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing system packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
+fi
+trap '[ $created_policy = 1 ] && rm -f "$policy"' EXIT
+apt-get update -q
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
