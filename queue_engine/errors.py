@@ -18,6 +18,12 @@ class InvalidRequestError(QueueEngineError):
             self.code = code
 
 
+class AuthenticationError(QueueEngineError):
+    """No API key, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
 class NoSuchJobError(QueueEngineError):
     """No job with this id is visible to this key."""
 

@@ -70,12 +70,17 @@ def stop_process(process, sig=signal.SIGTERM, timeout=30):
             process.wait(10)
 
 
+def queue_engine_command():
+    """The ``queue-engine`` console script of the project's venv, else the one on PATH."""
+    venv_script = ROOT / ".venv" / "bin" / "queue-engine"
+    return str(venv_script) if venv_script.exists() else "queue-engine"
+
+
 def spawn(args, env, log_path):
     """Start a ``queue-engine`` subprocess with its output in ``log_path``."""
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "queue-engine") if (ROOT / ".venv").exists() else "queue-engine", *args],
-        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        [queue_engine_command(), *args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )
 
 

@@ -3,17 +3,17 @@
 from flask import g, request
 
 from queue_engine.apikeys import find_api_key
+from queue_engine.errors import AuthenticationError
 
 from .db import get_session
-from .errors import UnauthorizedError
 
 
 def require_api_key():
     """``before_request`` hook: sets ``g.api_key`` or answers 401."""
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise UnauthorizedError("send your API key as 'Authorization: Bearer <key>'")
+        raise AuthenticationError("send your API key as 'Authorization: Bearer <key>'")
     api_key = find_api_key(get_session(), key.strip())
     if api_key is None:
-        raise UnauthorizedError("this API key is not valid (unknown or revoked)")
+        raise AuthenticationError("this API key is not valid (unknown or revoked)")
     g.api_key = api_key

@@ -15,15 +15,12 @@ log = logging.getLogger(__name__)
 
 STATUS_FOR = {
     errors.InvalidRequestError: 400,
+    errors.AuthenticationError: 401,
     errors.NoSuchJobError: 404,
     errors.JobFinishedError: 409,
     errors.IdempotencyConflictError: 409,
     errors.BrokerUnavailableError: 503,
 }
-
-
-class UnauthorizedError(errors.QueueEngineError):
-    code = "unauthorized"
 
 
 def error_response(status, code, message, param=None):
@@ -48,8 +45,6 @@ def describe_validation_error(error):
 
 def handle_domain_error(error):
     status = next((s for cls, s in STATUS_FOR.items() if isinstance(error, cls)), 400)
-    if isinstance(error, UnauthorizedError):
-        status = 401
     return error_response(status, error.code, str(error))
 
 

@@ -39,7 +39,6 @@ def make_celery(settings):
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         task_serializer="json",
         accept_content=["json"],
-        task_default_queue=keys.queue_name(next(iter(settings.models))),
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

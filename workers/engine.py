@@ -104,7 +104,13 @@ class VllmEngine:
 
     def __init__(self, engine_settings):
         configure_vllm_environment()
-        from vllm import EngineArgs, LLMEngine
+        # vLLM is imported here, not at the top: importing it takes seconds
+        # and the web and the CLI import this module without needing it.
+        from vllm import EngineArgs, LLMEngine, SamplingParams
+        from vllm.exceptions import VLLMValidationError
+
+        self._sampling_params = SamplingParams
+        self._rejections = (VLLMValidationError, ValueError)
 
         args = {
             "model": engine_settings.model_dir,
@@ -125,16 +131,13 @@ class VllmEngine:
         Raises:
             EngineRejectedError: vLLM refused it (e.g. the prompt is too long).
         """
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMValidationError
-
         if request.messages is not None:
             prompt = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         else:
             prompt = request.prompt
         try:
-            self._engine.add_request(request.request_id, prompt, SamplingParams(**request.params))
-        except (VLLMValidationError, ValueError) as e:
+            self._engine.add_request(request.request_id, prompt, self._sampling_params(**request.params))
+        except self._rejections as e:
             raise EngineRejectedError(str(e)) from e
 
     def step(self):

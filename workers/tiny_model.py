@@ -4,6 +4,9 @@ The tokenizer is a byte-level BPE trained on text that every CPython ships
 (the pydoc topics and the licence), the weights come from a fixed seed and a
 short, fixed training run on the same text, so the same machine always builds
 the same model and its output reads like Python documentation, not noise.
+
+torch, tokenizers and transformers are imported inside the functions that
+use them: a worker whose model is already built never pays for them.
 """
 
 import json

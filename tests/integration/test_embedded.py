@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from queue_engine.client import Client
-from tests.helpers import ROOT, free_port, spawn, stop_process, wait_until
+from tests.helpers import free_port, queue_engine_command, spawn, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def embedded(tmp_path_factory, tiny_model_dir):
 
 def test_embedded_serve_prints_a_key_and_answers_a_job(embedded):
     """First start prints the key it created; a job succeeds with no Redis anywhere."""
-    assert f"created an API key (kept in" in embedded["log"].read_text()
+    assert "created an API key (kept in" in embedded["log"].read_text()
     assert embedded["key"] in embedded["log"].read_text()
     client = Client(embedded["url"], embedded["key"])
     job = client.wait_for_job(client.submit_job({"model": "tiny", "prompt": "The list", "params": {"max_tokens": 8}})["id"], 120)
@@ -53,7 +53,7 @@ def test_embedded_serve_prints_a_key_and_answers_a_job(embedded):
 def test_cli_submit_wait_and_status(embedded):
     """`queue-engine submit --wait` prints the text; `status` prints the job as JSON."""
     env = {**embedded["env"], "QUEUE_ENGINE_URL": embedded["url"], "QUEUE_ENGINE_API_KEY": embedded["key"]}
-    cli = str(ROOT / ".venv" / "bin" / "queue-engine") if (ROOT / ".venv").exists() else "queue-engine"
+    cli = queue_engine_command()
     submitted = subprocess.run([cli, "submit", "--prompt", "Hello", "--max-tokens", "4"],
                                env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
