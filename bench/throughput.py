@@ -33,7 +33,7 @@ from sqlalchemy import func, select  # noqa: E402
 from queue_engine.db import make_engine, make_session_factory, transaction, upgrade_database  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
-from tests.helpers import RedisServer, free_port, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, stop_process, wait_until  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 CACHE = Path(os.environ.get("QUEUE_ENGINE_BENCH_CACHE", Path.home() / ".cache" / "queue-engine-bench"))
@@ -124,7 +124,7 @@ def main():
         try:
             print(f"(b) offline LLM.generate, {args.prompts} prompts x {args.max_tokens} tokens ...", flush=True)
             offline = offline_generate(model_dir, prompts_file, args.max_tokens, args.max_in_flight)
-            print(f"(a) HTTP + Redis + batching worker ...", flush=True)
+            print("(a) HTTP + Redis + batching worker ...", flush=True)
             service = run_through_service(
                 env, settings, [PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "worker", "--model", args.model],
                 prompts, args.max_tokens, tmp / "worker.log", args.model)

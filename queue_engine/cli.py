@@ -8,7 +8,6 @@ domain package stays free of them and ``--help`` stays fast.
 import json
 import logging
 import sys
-import time
 
 import click
 
