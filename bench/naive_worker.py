@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import Future
 
 from queue_engine import jobs
-from queue_engine.db import make_engine, make_session_factory
+from queue_engine.db import make_sessions
 from queue_engine.errors import EngineRejectedError
 from queue_engine.settings import load_settings
 from workers.celery_app import make_celery
@@ -50,7 +50,7 @@ def main(model):
     app = make_celery(settings)
     engine = VllmEngine(EngineSettings.from_profile(settings.profile(model), settings))
     app.qe_runtime = WorkerRuntime(
-        settings=settings, model=model, sessions=make_session_factory(make_engine(settings.sqlalchemy_url)),
+        settings=settings, model=model, sessions=make_sessions(settings.sqlalchemy_url),
         loop=OnePromptAtATime(engine), worker_id=jobs.worker_identity(),
     )
     app.set_default()

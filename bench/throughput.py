@@ -30,7 +30,7 @@ from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from queue_engine.db import make_engine, make_session_factory, transaction, upgrade_database  # noqa: E402
+from queue_engine.db import transaction, upgrade_database  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, stop_process, wait_until  # noqa: E402
@@ -62,7 +62,7 @@ def run_through_service(env, settings, command, prompts, max_tokens, log_path, m
     server = build_server(settings, port=0)
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{server.effective_port}"
-    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    sessions = server.application.extensions["qe_sessions"]
     with transaction(sessions) as session:
         client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
     worker = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,

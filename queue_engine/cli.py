@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .db import make_engine, make_session_factory, transaction, upgrade_database
+from .db import make_sessions, transaction, upgrade_database
 from .errors import QueueEngineError
 from .settings import load_settings
 
@@ -112,7 +112,7 @@ def keys_create(name, as_json):
 
     settings = read_settings()
     upgrade_database(settings.sqlalchemy_url)
-    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    sessions = make_sessions(settings.sqlalchemy_url)
     try:
         with transaction(sessions) as session:
             new_key = create_api_key(session, name)

@@ -36,6 +36,11 @@ def make_session_factory(engine):
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def make_sessions(url):
+    """A session factory on a new engine for ``url`` (for processes outside the web app)."""
+    return make_session_factory(make_engine(url))
+
+
 @contextmanager
 def transaction(session_factory):
     """A session that commits on success and rolls back on error."""

@@ -5,7 +5,7 @@ import time
 
 from queue_engine.apikeys import create_api_key
 from queue_engine.client import Client
-from queue_engine.db import make_engine, make_session_factory, transaction
+from queue_engine.db import transaction
 
 from .server import build_server
 
@@ -26,8 +26,8 @@ def run_demo(settings, celery_app, count=8, echo=print):
     server = build_server(settings, celery_app, port=0)
     url = f"http://127.0.0.1:{server.effective_port}"
     threading.Thread(target=server.run, name="demo-server", daemon=True).start()
-    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
-    with transaction(sessions) as session:
+    # The app's own session factory: no second connection pool for one key.
+    with transaction(server.application.extensions["qe_sessions"]) as session:
         key = create_api_key(session, f"demo-{time.time_ns()}").key
     client = Client(url, key)
     echo(f"embedded queue-engine on {url}; submitting {count} prompts to model 'tiny'")

@@ -1,7 +1,6 @@
 """Running the web service: waitress in front of the Flask app, and in
 embedded mode an in-process worker beside it."""
 
-import logging
 import os
 from pathlib import Path
 
@@ -9,12 +8,10 @@ from sqlalchemy import func, select
 from waitress.server import create_server
 
 from queue_engine.apikeys import create_api_key
-from queue_engine.db import make_engine, make_session_factory, transaction
+from queue_engine.db import make_sessions, transaction
 from queue_engine.models import ApiKey
 
 from . import create_app
-
-log = logging.getLogger(__name__)
 
 #: Threads waitress serves requests with.
 WEB_THREADS = 16
@@ -30,7 +27,7 @@ def ensure_embedded_key(settings):
     Returns:
         The key in clear if this call created it, else None.
     """
-    sessions = make_session_factory(make_engine(settings.sqlalchemy_url))
+    sessions = make_sessions(settings.sqlalchemy_url)
     with transaction(sessions) as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):
             return None

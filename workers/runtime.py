@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from queue_engine import jobs, keys
-from queue_engine.db import make_engine, make_session_factory, upgrade_database
+from queue_engine.db import make_sessions, upgrade_database
 
 from .batcher import EngineLoop
 from .celery_app import make_celery
@@ -35,7 +35,7 @@ def load_runtime(celery_app, model, log=log.info):
     runtime = WorkerRuntime(
         settings=settings,
         model=model,
-        sessions=make_session_factory(make_engine(settings.sqlalchemy_url)),
+        sessions=make_sessions(settings.sqlalchemy_url),
         loop=EngineLoop(engine).start(),
         worker_id=jobs.worker_identity(),
     )

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from queue_engine.client import Client
+from queue_engine.db import make_sessions
 from queue_engine.settings import load_settings
 from tests.conftest import make_key
 from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until
@@ -52,6 +53,7 @@ class Cluster:
             **{f"QUEUE_ENGINE_{name.upper()}": str(value) for name, value in settings.items()},
         }
         self.settings = load_settings(environ=self.env)
+        self.sessions = make_sessions(self.settings.sqlalchemy_url)
         self.workers = []
         self._start_web()
 
@@ -63,9 +65,7 @@ class Cluster:
         threading.Thread(target=self.server.run, daemon=True).start()
 
     def new_client(self):
-        from queue_engine.db import make_engine, make_session_factory
-
-        key, _ = make_key(make_session_factory(make_engine(self.settings.sqlalchemy_url)), f"k-{secrets.token_hex(4)}")
+        key, _ = make_key(self.sessions, f"k-{secrets.token_hex(4)}")
         return Client(self.url, key.key)
 
     def start_worker(self, wait=True):
@@ -93,6 +93,7 @@ class Cluster:
         for worker in self.workers:
             stop_process(worker.process)
         self.server.close()
+        self.sessions.kw["bind"].dispose()
 
 
 class Worker:

@@ -7,7 +7,6 @@ import signal
 import pytest
 from sqlalchemy import select
 
-from queue_engine.db import make_engine
 from queue_engine.models import Job
 
 from tests.helpers import wait_until
@@ -60,8 +59,5 @@ def test_sigkilled_worker_loses_no_job(fragile_cluster):
 
 def lease_owners(cluster, job_ids):
     """Which worker completed each job (the lease owner is kept after success)."""
-    engine = make_engine(cluster.settings.sqlalchemy_url)
-    with engine.connect() as connection:
-        rows = connection.execute(select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids))).all()
-    engine.dispose()
-    return dict(rows)
+    with cluster.sessions() as session:
+        return dict(session.execute(select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids))).all())
