@@ -57,12 +57,14 @@ def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
 
 def run_through_service(env, settings, command, prompts, max_tokens, log_path, model):
     """Start a worker with ``command``, warm it up, then time all prompts as HTTP jobs."""
+    from web import create_app
     from web.server import build_server
 
-    server = build_server(settings, port=0)
+    app = create_app(settings)
+    server = build_server(app, port=0)
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{server.effective_port}"
-    sessions = server.application.extensions["qe_sessions"]
+    sessions = app.extensions["qe_sessions"]
     with transaction(sessions) as session:
         client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
     worker = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,

@@ -51,9 +51,11 @@ def serve(host, port, worker_model):
     """Serve the HTTP API (embedded mode also runs a worker inside)."""
     settings = read_settings()
     celery_app = start_embedded_worker(settings, worker_model) if settings.is_embedded else None
+    from web import create_app
     from web.server import build_server, embedded_key_path, ensure_embedded_key
 
-    server = build_server(settings, celery_app, host, port)
+    # In embedded mode the app enqueues on the Celery app whose in-process worker runs.
+    server = build_server(create_app(settings, celery_app), host, port)
     if settings.is_embedded:
         key = ensure_embedded_key(settings)
         if key:

@@ -7,6 +7,7 @@ from queue_engine.apikeys import create_api_key
 from queue_engine.client import Client
 from queue_engine.db import transaction
 
+from . import create_app
 from .server import build_server
 
 SAMPLE_PROMPTS = [
@@ -23,11 +24,12 @@ SAMPLE_PROMPTS = [
 
 def run_demo(settings, celery_app, count=8, echo=print):
     """Serve on a free port, push ``count`` prompts through HTTP, print the answers."""
-    server = build_server(settings, celery_app, port=0)
+    app = create_app(settings, celery_app)
+    server = build_server(app, port=0)
     url = f"http://127.0.0.1:{server.effective_port}"
     threading.Thread(target=server.run, name="demo-server", daemon=True).start()
     # The app's own session factory: no second connection pool for one key.
-    with transaction(server.application.extensions["qe_sessions"]) as session:
+    with transaction(app.extensions["qe_sessions"]) as session:
         key = create_api_key(session, f"demo-{time.time_ns()}").key
     client = Client(url, key)
     echo(f"embedded queue-engine on {url}; submitting {count} prompts to model 'tiny'")

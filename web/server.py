@@ -11,8 +11,6 @@ from queue_engine.apikeys import create_api_key
 from queue_engine.db import make_sessions, transaction
 from queue_engine.models import ApiKey
 
-from . import create_app
-
 #: Threads waitress serves requests with.
 WEB_THREADS = 16
 
@@ -38,12 +36,6 @@ def ensure_embedded_key(settings):
     return new_key.key
 
 
-def build_server(settings, celery_app=None, host="127.0.0.1", port=8000):
-    """Prepare the service; call ``.run()`` on the result to serve.
-
-    In embedded mode pass the Celery app whose in-process worker was started
-    (``workers.runtime.start_embedded_workers``), so web and worker share
-    the in-process broker.
-    """
-    app = create_app(settings, celery_app)
+def build_server(app, host="127.0.0.1", port=8000):
+    """A waitress server for the Flask ``app``; call ``.run()`` on it to serve."""
     return create_server(app, host=host, port=port, threads=WEB_THREADS)

@@ -58,9 +58,10 @@ class Cluster:
         self._start_web()
 
     def _start_web(self):
+        from web import create_app
         from web.server import build_server
 
-        self.server = build_server(self.settings, port=0)
+        self.server = build_server(create_app(self.settings), port=0)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         threading.Thread(target=self.server.run, daemon=True).start()
 

@@ -64,3 +64,16 @@ def test_cli_submit_wait_and_status(embedded):
     assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
     status = subprocess.run([cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == job_id
+
+
+def test_demo_command_runs_sample_prompts(tmp_path, tiny_model_dir):
+    """`queue-engine demo` (the README's first command) prints every sample's answer."""
+    config = tmp_path / "queue-engine.toml"
+    config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")},
+           "QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(tmp_path / "data")}
+    demo = subprocess.run([queue_engine_command(), "demo", "--prompts", "3"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert demo.stdout.count("[succeeded]") == 3
+    assert "3 jobs, " in demo.stdout
