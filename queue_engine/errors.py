@@ -24,16 +24,52 @@ class AuthenticationError(QueueEngineError):
     code = "unauthorized"
 
 
-class NoSuchJobError(QueueEngineError):
-    """No job with this id is visible to this key."""
+class NotFoundError(QueueEngineError):
+    """Nothing with this id is visible to this key (another key's is the same)."""
 
     code = "not_found"
+
+
+class NoSuchJobError(NotFoundError):
+    """No job with this id is visible to this key."""
+
+
+class NoSuchBatchError(NotFoundError):
+    """No batch with this id is visible to this key."""
 
 
 class JobFinishedError(QueueEngineError):
     """The job already ended, so it cannot be cancelled."""
 
     code = "job_finished"
+
+
+class BatchFinishedError(QueueEngineError):
+    """The batch already ended, so it cannot be cancelled."""
+
+    code = "batch_finished"
+
+
+class InvalidFileError(InvalidRequestError):
+    """An uploaded file cannot be read as a batch; nothing of it is kept.
+
+    The message names the line (and column) so the user can fix the file.
+    """
+
+    code = "invalid_file"
+
+    def __init__(self, message, line=None, column=None):
+        where = f"line {line}" if line is not None else ""
+        if column is not None:
+            where += f"{', ' if where else ''}column {column!r}"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.line, self.column = line, column
+
+
+class FileTooLargeError(InvalidFileError):
+    """The upload is over a configured limit on bytes."""
+
+    code = "file_too_large"
 
 
 class IdempotencyConflictError(QueueEngineError):

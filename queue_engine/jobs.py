@@ -52,9 +52,9 @@ FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 MAX_PAGE = 100
 
 
-def new_job_id():
-    """A job id that sorts by creation time (milliseconds), then at random."""
-    return f"job_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+def new_id(prefix="job"):
+    """An id that sorts by creation time (milliseconds), then at random."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
 def transition(session, job_id, source, target, *, where=(), returning=False, **values):
@@ -71,6 +71,15 @@ def transition(session, job_id, source, target, *, where=(), returning=False, **
     Raises:
         InvalidTransitionError: the table does not allow ``source -> target``.
     """
+    statement = transition_statement(source, target, [Job.id == job_id, *where], values)
+    if returning:
+        return session.execute(statement.returning(*Job.__table__.columns)).first()
+    return session.execute(statement).rowcount == 1
+
+
+def transition_statement(source, target, where, values):
+    """The conditional UPDATE that moves every job matching ``where`` from
+    ``source`` to ``target`` (for a set of rows, e.g. a batch's chunk)."""
     source, target = JobState(source), JobState(target)
     if target not in ALLOWED[source]:
         raise InvalidTransitionError(f"a job cannot go from {source.value!r} to {target.value!r}")
@@ -83,15 +92,17 @@ def transition(session, job_id, source, target, *, where=(), returning=False, **
     elif target == JobState.QUEUED:
         values.setdefault("lease_owner", None)
         values.setdefault("lease_expires_at", None)
-    statement = (
+    return (
         update(Job)
-        .where(Job.id == job_id, Job.status == source.value, *where)
+        .where(Job.status == source.value, *where)
         .values(status=target.value, **values)
         .execution_options(synchronize_session=False)
     )
-    if returning:
-        return session.execute(statement.returning(*Job.__table__.columns)).first()
-    return session.execute(statement).rowcount == 1
+
+
+def lease_values(worker, lease_seconds):
+    """The columns a claim or a renewal writes: who holds the job, until when."""
+    return {"lease_owner": worker, "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
 
 
 # --- submission and reading (web side) --------------------------------------
@@ -139,7 +150,7 @@ def create_job(session, owner_id, request, settings, idempotency_key=None, kind=
         if existing is not None:
             return _replay(existing, fingerprint), False
     job = Job(
-        id=new_job_id(),
+        id=new_id(),
         owner_id=owner_id,
         kind=kind,
         model=request.model,
@@ -202,27 +213,39 @@ def get_job(session, owner_id, job_id):
 
 
 def list_jobs(session, owner_id, status=None, limit=20, cursor=None):
-    """A page of the owner's jobs, newest first.
+    """A page of the owner's single jobs and tribunals, newest first.
+
+    Batch rows are left out (a batch can hold a million); read them through
+    their batch.
 
     Returns:
         ``(jobs, next_cursor)``; ``next_cursor`` is None on the last page.
     """
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidRequestError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
-    query = select(Job).where(Job.owner_id == owner_id)
+    query = select(Job).where(Job.owner_id == owner_id, Job.batch_id.is_(None))
     if status is not None:
         try:
             query = query.where(Job.status == JobState(status).value)
         except ValueError:
             states = ", ".join(s.value for s in JobState)
             raise InvalidRequestError(f"status: {status!r} is not one of {states}") from None
+    return newest_first(session, query, Job.id, limit, cursor, "job_")
+
+
+def newest_first(session, query, id_column, limit, cursor, prefix):
+    """One page of ``query`` by descending id (ids sort by creation time).
+
+    Returns:
+        ``(items, next_cursor)``; ``next_cursor`` is None on the last page.
+    """
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequestError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
     if cursor is not None:
-        if not cursor.startswith("job_"):
+        if not cursor.startswith(prefix):
             raise InvalidRequestError(f"cursor: {cursor!r} is not a cursor this API returned")
-        query = query.where(Job.id < cursor)
-    jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
-    next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
+        query = query.where(id_column < cursor)
+    items = list(session.scalars(query.order_by(id_column.desc()).limit(limit + 1)))
+    next_cursor = items[limit - 1].id if len(items) > limit else None
+    return items[:limit], next_cursor
 
 
 def cancel_job(session, owner_id, job_id):
@@ -262,6 +285,8 @@ def job_to_dict(job):
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "metadata": job.meta,
+        "batch_id": job.batch_id,
+        "custom_id": job.custom_id,
     }
     return JobOut.model_validate(body).model_dump(mode="json")
 
@@ -292,7 +317,7 @@ def claim_job(session, job_id, worker, lease_seconds, max_attempts):
     finished or cancelled job is left alone.
     """
     now = utcnow()
-    lease = {"lease_owner": worker, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    lease = lease_values(worker, lease_seconds)
     # The common case, a queued job, costs one statement: the hot path of every task.
     claimed = transition(session, job_id, JobState.QUEUED, JobState.RUNNING, returning=True,
                          attempts=Job.attempts + 1, **lease)

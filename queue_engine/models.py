@@ -1,4 +1,4 @@
-"""The SQLAlchemy models: API keys and jobs.
+"""The SQLAlchemy models: API keys, batches and jobs.
 
 The schema changes only through Alembic migrations in ``migrations/``.
 """
@@ -52,6 +52,37 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Batch(Base):
+    """An uploaded file of prompts. Its rows are jobs of kind ``batch_item``.
+
+    The counts are kept on this row, updated in the same transaction as the
+    row changes they count, so reading progress costs one primary-key lookup
+    however many rows the batch has.
+    """
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_owner_id_id", "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="validating")
+    input_format: Mapped[str] = mapped_column(String(10))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    id_column: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Job(Base):
     """One unit of inference work, and the source of truth for its state."""
 
@@ -60,6 +91,8 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_batch_row", "batch_id", "row_index", unique=True),
+        Index("ix_jobs_batch_chunk", "batch_id", "chunk"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -84,6 +117,10 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE", name="fk_jobs_batch_id_batches"))
+    row_index: Mapped[int | None] = mapped_column(Integer, doc="0-based position in the uploaded file")
+    custom_id: Mapped[str | None] = mapped_column(String(255), doc="the row's id from the file")
+    chunk: Mapped[int | None] = mapped_column(Integer, doc="the bulk-lane message that carries the row")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

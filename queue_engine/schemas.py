@@ -34,8 +34,11 @@ class Params(_Strict):
         return stop
 
 
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal[MESSAGE_ROLES]
     content: str = Field(min_length=1)
 
 
@@ -45,6 +48,14 @@ def _check_prompt_or_messages(request):
     if request.prompt is not None and not request.prompt.strip():
         raise ValueError("prompt: must not be empty")
     return request
+
+
+def _check_http_url(url):
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+    return url
 
 
 class JobCreate(_Strict):
@@ -60,14 +71,7 @@ class JobCreate(_Strict):
 
     _one_input = model_validator(mode="after")(_check_prompt_or_messages)
 
-    @field_validator("webhook_url")
-    @classmethod
-    def _http_only(cls, url):
-        if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("must be an http:// or https:// URL with a host")
-        return url
+    _http_only = field_validator("webhook_url")(_check_http_url)
 
     @field_validator("metadata")
     @classmethod
@@ -109,10 +113,58 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     metadata: dict[str, str] | None
+    batch_id: str | None = Field(None, description="the batch this row belongs to (kind batch_item)")
+    custom_id: str | None = Field(None, description="the row's id in its batch file")
 
 
 class JobList(BaseModel):
     data: list[JobOut]
+    next_cursor: str | None
+
+
+BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"]
+
+
+class BatchCreate(_Strict):
+    """The form fields of ``POST /api/v1/batches`` (the file comes beside them)."""
+
+    model: str = Field(min_length=1, max_length=200, description="a configured model profile")
+    prompt_column: str = Field("prompt", min_length=1, max_length=200, description="CSV column holding the prompt")
+    id_column: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="CSV column holding each row's unique id (default 'id'; without one, rows are numbered from 1)")
+    delimiter: str | None = Field(None, min_length=1, max_length=1, description="CSV delimiter; sniffed when omitted")
+    params: Params = Field(default_factory=Params, description="sampling parameters for every row (JSON text)")
+    webhook_url: str | None = Field(None, max_length=2048, description="called when the batch ends")
+
+    _http_only = field_validator("webhook_url")(_check_http_url)
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class BatchOut(BaseModel):
+    """The batch object, as every endpoint returns it."""
+
+    id: str
+    status: BatchStatus
+    model: str
+    request_counts: RequestCounts
+    created_at: datetime
+    completed_at: datetime | None
+    cancelled_at: datetime | None
+    errors: list[dict] | None
+    format: Literal["csv", "jsonl"]
+    filename: str | None
+    params: dict
+
+
+class BatchList(BaseModel):
+    data: list[BatchOut]
     next_cursor: str | None
 
 

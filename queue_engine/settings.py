@@ -62,6 +62,15 @@ class TribunalSettings(_Frozen):
     bypass_backlog: int = Field(500, ge=0, description="auto-bypass above this backlog")
 
 
+class BatchSettings(_Frozen):
+    """Limits on uploaded files and how their rows are sent to workers."""
+
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="largest file accepted")
+    max_rows: int = Field(1_000_000, ge=1, description="most rows in one file")
+    max_prompt_chars: int = Field(100_000, ge=1, description="a longer prompt fails its row")
+    chunk_rows: int = Field(64, ge=1, le=4096, description="rows per bulk-lane message")
+
+
 class AutoscalerSettings(_Frozen):
     interval: float = Field(5.0, gt=0, description="seconds between scaling decisions")
     idle_grace: float = Field(120.0, ge=0, description="idle seconds before scale-in")
@@ -94,6 +103,7 @@ class Settings(_Frozen):
         description="seconds before Redis redelivers an unacknowledged message (a dead worker's); leases make early redelivery safe",
     )
     retry_delay: float = Field(2.0, ge=0, description="seconds before a failed engine call is retried")
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
     models: dict[str, ModelProfile] = Field(default_factory=_default_models)
@@ -134,7 +144,7 @@ class Settings(_Frozen):
 #: Environment variables holding lists, as comma-separated text.
 _LIST_FIELDS = {"webhook_allow", "webhook_retry_delays"}
 #: Top-level fields that cannot be set from the environment (tables).
-_TABLE_FIELDS = {"tribunal", "autoscaler", "models"}
+_TABLE_FIELDS = {"batches", "tribunal", "autoscaler", "models"}
 
 
 def load_settings(environ=None, **overrides):

@@ -5,7 +5,7 @@ Views never catch domain errors; this module maps them.
 
 import logging
 
-from flask import jsonify
+from flask import jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -13,11 +13,14 @@ from queue_engine import errors
 
 log = logging.getLogger(__name__)
 
+#: The first matching class wins, so subclasses come before their bases.
 STATUS_FOR = {
+    errors.FileTooLargeError: 413,
     errors.InvalidRequestError: 400,
     errors.AuthenticationError: 401,
-    errors.NoSuchJobError: 404,
+    errors.NotFoundError: 404,
     errors.JobFinishedError: 409,
+    errors.BatchFinishedError: 409,
     errors.IdempotencyConflictError: 409,
     errors.BrokerUnavailableError: 503,
 }
@@ -57,7 +60,8 @@ def handle_http_error(error):
     code = error.name.lower().replace(" ", "_")
     message = error.description
     if error.code == 413:
-        message = "the request body is larger than this server accepts (max_body_bytes)"
+        setting = "batches.max_bytes" if request.endpoint == "batches.create_batch" else "max_body_bytes"
+        message = f"the request body is larger than this server accepts ({request.max_content_length} bytes, {setting})"
     return error_response(error.code, code, message)
 
 

@@ -12,6 +12,9 @@ COMPONENTS = [
     (schemas.JobCreate, "validation"),
     (schemas.JobOut, "serialization"),
     (schemas.JobList, "serialization"),
+    (schemas.BatchCreate, "validation"),
+    (schemas.BatchOut, "serialization"),
+    (schemas.BatchList, "serialization"),
     (schemas.ErrorResponse, "serialization"),
     (schemas.Health, "serialization"),
 ]
@@ -32,6 +35,20 @@ def _errors(*statuses):
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
+
+
+def batch_upload_schema():
+    """The multipart form of ``POST /batches``: BatchCreate's fields, ``params`` as JSON text, and the file."""
+    form = schemas.BatchCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+    properties = {name: field for name, field in form["properties"].items() if name != "params"}
+    properties["params"] = {"type": "string", "description": "sampling parameters for every row, as JSON text"}
+    properties["file"] = {"type": "string", "format": "binary", "description": "the CSV or JSONL file"}
+    return {"type": "object", "required": ["file", "model"], "properties": properties}
 
 
 def build_openapi():
@@ -54,11 +71,7 @@ def build_openapi():
                 },
                 "get": {
                     "summary": "List your jobs, newest first",
-                    "parameters": [
-                        {"name": "status", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
+                    "parameters": [{"name": "status", "in": "query", "schema": {"type": "string"}}, *PAGE],
                     "responses": {"200": _json("JobList", "a page of jobs"), **_errors(400, 401)},
                 },
             },
@@ -74,6 +87,46 @@ def build_openapi():
                     "summary": "Cancel a queued or running job",
                     "parameters": [JOB_ID],
                     "responses": {"200": _json("JobOut", "the job, cancelled"), **_errors(401, 404, 409)},
+                },
+            },
+            "/api/v1/batches": {
+                "post": {
+                    "summary": "Upload a CSV or JSONL file of prompts as a batch",
+                    "requestBody": {"required": True,
+                                    "content": {"multipart/form-data": {"schema": batch_upload_schema()}}},
+                    "responses": {"202": _json("BatchOut", "the batch, its rows queued"), **_errors(400, 401, 413, 503)},
+                },
+                "get": {
+                    "summary": "List your batches, newest first",
+                    "parameters": PAGE,
+                    "responses": {"200": _json("BatchList", "a page of batches"), **_errors(400, 401)},
+                },
+            },
+            "/api/v1/batches/{batch_id}": {
+                "get": {
+                    "summary": "Read a batch and its request counts",
+                    "parameters": [BATCH_ID],
+                    "responses": {"200": _json("BatchOut", "the batch"), **_errors(401, 404)},
+                },
+            },
+            "/api/v1/batches/{batch_id}/results": {
+                "get": {
+                    "summary": "One row per input row, in input order (partial while running)",
+                    "parameters": [BATCH_ID, {"name": "format", "in": "query",
+                                              "schema": {"type": "string", "enum": ["csv", "jsonl"]}}],
+                    "responses": {
+                        "200": {"description": "the results, streamed",
+                                "content": {"text/csv": {"schema": {"type": "string"}},
+                                            "application/jsonl": {"schema": {"type": "string"}}}},
+                        **_errors(400, 401, 404),
+                    },
+                },
+            },
+            "/api/v1/batches/{batch_id}/cancel": {
+                "post": {
+                    "summary": "Cancel a batch: queued rows at once, running rows finish",
+                    "parameters": [BATCH_ID],
+                    "responses": {"200": _json("BatchOut", "the batch, cancelling or cancelled"), **_errors(401, 404, 409)},
                 },
             },
             "/healthz": {"get": {"security": [], "responses": {"200": _json("Health", "the process answers")}}},

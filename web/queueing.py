@@ -1,18 +1,20 @@
-"""Submitting work: store it, then put its message on the broker.
+"""Submitting work: store it, then put its messages on the broker.
 
-The row is committed before the message is sent, so a worker never gets a
-message for a job it cannot see. If the broker refuses the message the row is
-removed again, so a failed submission leaves nothing behind.
+Rows are committed before their messages are sent, so a worker never gets a
+message for work it cannot see. If the broker refuses a message, what was
+stored is removed again, so a failed submission leaves nothing behind.
 """
 
 from flask import current_app, g
 from kombu.exceptions import OperationalError
 
-from queue_engine import jobs
+from queue_engine import batches, jobs, uploads
 from queue_engine.errors import BrokerUnavailableError
-from workers.celery_app import send_job
+from workers.celery_app import send_chunks, send_job
 
 from .db import get_session
+
+BROKER_ERRORS = (OperationalError, OSError)
 
 
 def submit_job(request_body, idempotency_key=None, kind="single"):
@@ -24,8 +26,40 @@ def submit_job(request_body, idempotency_key=None, kind="single"):
     if created:
         try:
             send_job(current_app.extensions["celery"], job)
-        except (OperationalError, OSError) as e:
+        except BROKER_ERRORS as e:
             jobs.delete_unsent_job(session, job.id)
             session.commit()
-            raise BrokerUnavailableError(f"the message broker is unreachable ({e}); nothing was stored, try again") from e
+            raise _broker_unavailable(e) from e
     return job, created
+
+
+def submit_batch(request_body, file):
+    """Read ``file`` (a werkzeug ``FileStorage``) into a batch and send its chunks.
+
+    The whole file is read in one transaction: a problem with the file
+    (:class:`~queue_engine.errors.InvalidFileError`) rolls everything back.
+    """
+    session = get_session()
+    settings = current_app.extensions["qe_settings"]
+    head = file.stream.read(4096)
+    file.stream.seek(0)
+    file_format = uploads.detect_format(file.filename, head)
+    reader = uploads.read_rows(file.stream, file_format, uploads.Upload.from_request(request_body, settings))
+    try:
+        batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
+                                     file_format=file_format, filename=file.filename)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    try:
+        send_chunks(current_app.extensions["celery"], batch)
+    except BROKER_ERRORS as e:
+        batches.delete_batch(session, batch.id)
+        session.commit()
+        raise _broker_unavailable(e) from e
+    return batch
+
+
+def _broker_unavailable(error):
+    return BrokerUnavailableError(f"the message broker is unreachable ({error}); nothing was stored, try again")

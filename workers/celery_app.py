@@ -3,9 +3,14 @@
 Generations go to the database, never to a Celery result backend. Tasks are
 acknowledged late and requeued if their worker dies; the job leases in
 ``queue_engine.jobs`` make a redelivered message safe.
+
+The bulk lane carries plain kombu messages, one per chunk of batch rows, on
+the same broker connection settings; ``workers/bulk.py`` explains why a
+worker consumes it itself.
 """
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from queue_engine import keys
 
@@ -51,3 +56,25 @@ def make_celery(settings):
 def send_job(app, job):
     """Put ``job`` on its model's queue, in its lane."""
     app.send_task(keys.RUN_JOB_TASK, args=[job.id], queue=keys.queue_name(job.model, job.lane))
+
+
+def bulk_queue(model):
+    """The kombu queue of ``model``'s bulk lane.
+
+    Messages go through the default exchange straight to the queue named by
+    the routing key, so no binding has to exist in Redis (a Redis restarted
+    without its data still takes them).
+    """
+    name = keys.queue_name(model, "bulk")
+    return Queue(name, Exchange(""), routing_key=name)
+
+
+def send_chunks(app, batch, chunks=None):
+    """Put one message per chunk of ``batch`` on its model's bulk lane."""
+    queue = bulk_queue(batch.model)
+    with app.producer_or_acquire() as producer:
+        for chunk in range(batch.chunks) if chunks is None else chunks:
+            producer.publish(
+                {"batch_id": batch.id, "chunk": chunk}, exchange="", routing_key=queue.routing_key,
+                serializer="json", retry=True, retry_policy=app.conf.task_publish_retry_policy,
+            )

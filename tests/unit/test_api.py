@@ -3,11 +3,8 @@
 Every answer is checked against the OpenAPI document the app serves.
 """
 
-import threading
 
-import fakeredis
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from queue_engine import keys
@@ -18,46 +15,6 @@ from tests.helpers import assert_matches_openapi, free_port
 from web import create_app
 
 QUEUE = keys.queue_name("tiny")
-
-
-@pytest.fixture(scope="module")
-def fake_broker():
-    server = fakeredis.TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"redis://127.0.0.1:{server.server_address[1]}/0"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def broker(fake_broker):
-    client = redis.Redis.from_url(fake_broker)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def app(tmp_path, database_url, fake_broker):
-    settings = load_settings(environ={}, data_dir=tmp_path, database_url=database_url,
-                             broker_url=fake_broker, max_body_bytes=4096)
-    return create_app(settings)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def spec(client):
-    return client.get("/api/v1/openapi.json").get_json()
-
-
-@pytest.fixture
-def auth(app):
-    key, _ = make_key(app.extensions["qe_sessions"], "alice")
-    return {"Authorization": f"Bearer {key.key}"}
 
 
 @pytest.fixture

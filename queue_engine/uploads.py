@@ -1,0 +1,331 @@
+"""Reading an uploaded batch file (CSV or JSONL) one row at a time.
+
+Problems come at two levels, as in OpenAI's batches:
+
+- a problem with the *file* (not CSV/JSONL, not UTF-8, no header, no prompt
+  column, broken quoting, a duplicate id, over a limit) raises
+  :class:`~queue_engine.errors.InvalidFileError` naming the line and column;
+  the caller refuses the whole upload and keeps nothing;
+- a problem with one *row* (an empty prompt, a prompt over the limit) comes
+  back as that row's ``error``: the row fails and the others run.
+
+The file is read as a stream, so its size costs no memory; only the set of
+ids seen so far grows with it (to refuse duplicates).
+"""
+
+import codecs
+import csv
+import itertools
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from .errors import InvalidFileError
+from .schemas import MESSAGE_ROLES, Params
+
+FORMATS = ("csv", "jsonl")
+CSV_DELIMITERS = (",", ";", "\t", "|")
+MAX_ID_CHARS = 255
+#: JSONL request bodies may name these besides the sampling parameters.
+BODY_INPUT_KEYS = {"model", "messages", "prompt"}
+#: OpenAI's newer name for ``max_tokens``.
+BODY_ALIASES = {"max_completion_tokens": "max_tokens"}
+OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+
+
+@dataclass(slots=True)
+class Row:
+    """One request read from the file.
+
+    ``params`` holds only what the row itself sets (JSONL ``body``); the
+    batch's parameters apply to everything else. ``error`` is ``(code,
+    message)`` when the row cannot run.
+    """
+
+    index: int
+    line: int
+    custom_id: str
+    prompt: str | None = None
+    messages: list | None = None
+    params: dict | None = None
+    error: tuple | None = None
+
+    @property
+    def text(self):
+        """The prompt's text, for grouping rows that share a prefix."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(message["content"] for message in self.messages or ())
+
+
+@dataclass(frozen=True)
+class Upload:
+    """How to read one uploaded file."""
+
+    model: str
+    max_rows: int
+    max_prompt_chars: int
+    max_tokens_limit: int
+    batch_params: dict
+    prompt_column: str = "prompt"
+    id_column: str = "id"
+    id_column_given: bool = False
+    delimiter: str | None = None
+
+    @classmethod
+    def from_request(cls, request, settings):
+        """How to read the file of a ``BatchCreate`` request under ``settings``."""
+        profile = settings.models.get(request.model)
+        return cls(
+            model=request.model,
+            max_rows=settings.batches.max_rows,
+            max_prompt_chars=settings.batches.max_prompt_chars,
+            max_tokens_limit=profile.max_model_len if profile else 0,
+            batch_params=request.params.model_dump(),
+            prompt_column=request.prompt_column,
+            id_column=request.id_column or "id",
+            id_column_given=request.id_column is not None,
+            delimiter=request.delimiter,
+        )
+
+
+def detect_format(filename, head):
+    """``"csv"`` or ``"jsonl"``, from the file name, else from the first bytes."""
+    name = (filename or "").lower()
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if name.endswith((".csv", ".tsv", ".txt")):
+        return "csv"
+    if b"\x00" in head:
+        raise InvalidFileError("this is a binary file; upload CSV or JSONL text", line=1)
+    return "jsonl" if head.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"{") else "csv"
+
+
+def read_rows(stream, file_format, upload):
+    """A reader that yields a :class:`Row` per request in the binary ``stream``.
+
+    Its ``id_header`` names the id column, for the results file.
+
+    Raises:
+        InvalidFileError: while iterating, at the first problem with the file.
+    """
+    lines = decoded_lines(stream)
+    return CsvReader(lines, upload) if file_format == "csv" else JsonlReader(lines, upload)
+
+
+def decoded_lines(stream):
+    """The text lines of a binary stream, line endings kept, BOM dropped.
+
+    Decoding line by line (UTF-8 never has a newline byte inside a
+    character) lets a decoding error name its exact line.
+    """
+    for number, raw in enumerate(stream, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidFileError(
+                f"the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start + 1}); "
+                "save it as UTF-8 and upload it again", number) from None
+
+
+class _Reader:
+    def __init__(self, lines, upload):
+        self.lines = lines
+        self.upload = upload
+        self._seen_ids = set()
+        self._count = 0
+
+    def _next_index(self, line):
+        if self._count >= self.upload.max_rows:
+            raise InvalidFileError(f"more than {self.upload.max_rows} rows; split the file (limit: batches.max_rows)", line)
+        self._count += 1
+        return self._count - 1
+
+    def _check_id(self, custom_id, line, column):
+        if not custom_id.strip():
+            raise InvalidFileError("the id is empty; every row needs a unique id", line, column)
+        if len(custom_id) > MAX_ID_CHARS:
+            raise InvalidFileError(f"the id is longer than {MAX_ID_CHARS} characters", line, column)
+        if custom_id in self._seen_ids:
+            raise InvalidFileError(f"duplicate id {custom_id!r}; ids must be unique within a file", line, column)
+        self._seen_ids.add(custom_id)
+
+    def _prompt_error(self, text):
+        if not text.strip():
+            return ("empty_prompt", "the prompt is empty")
+        if len(text) > self.upload.max_prompt_chars:
+            return ("prompt_too_long",
+                    f"the prompt has {len(text)} characters; the limit is {self.upload.max_prompt_chars}")
+        return None
+
+    def __iter__(self):
+        return self._rows()
+
+
+class CsvReader(_Reader):
+    """CSV with a header row: UTF-8 with or without BOM, the delimiter given or sniffed."""
+
+    def __init__(self, lines, upload):
+        super().__init__(lines, upload)
+        self.id_header = upload.id_column
+        self._reader = None
+
+
+    def _rows(self):
+        upload = self.upload
+        header_line = next(self.lines, "")
+        if not header_line.strip():
+            raise InvalidFileError("the file is empty; a CSV batch needs a header row naming the columns", 1)
+        delimiter = upload.delimiter or sniff_delimiter(header_line, upload.prompt_column)
+        # A field longer than this is a quote left open, not a prompt.
+        csv.field_size_limit(max(upload.max_prompt_chars * 4, 1 << 20))
+        self._reader = reader = csv.reader(itertools.chain([header_line], self.lines), delimiter=delimiter, strict=True)
+        header = [name.strip() for name in self._next_record()]
+        prompt_at = self._column(header, upload.prompt_column, "prompt_column")
+        if upload.id_column in header:
+            id_at = header.index(upload.id_column)
+        elif upload.id_column_given:
+            self._column(header, upload.id_column, "id_column")
+        else:
+            id_at = None
+            self.id_header = "row"
+        for record in iter(self._next_record, None):
+            line = reader.line_num
+            if not any(record):
+                continue
+            if len(record) != len(header):
+                raise InvalidFileError(
+                    f"{len(record)} fields where the header has {len(header)}; "
+                    "check the quoting and the delimiter", line)
+            index = self._next_index(line)
+            if id_at is None:
+                custom_id = str(index + 1)
+            else:
+                custom_id = record[id_at]
+                self._check_id(custom_id, line, upload.id_column)
+            prompt = record[prompt_at]
+            yield Row(index, line, custom_id, prompt=prompt, error=self._prompt_error(prompt))
+        if self._count == 0:
+            raise InvalidFileError("the file has a header but no rows", reader.line_num)
+
+    def _next_record(self):
+        starts_on = self._reader.line_num + 1
+        try:
+            return next(self._reader)
+        except StopIteration:
+            return None
+        except csv.Error as e:
+            raise InvalidFileError(f"cannot read the CSV record that starts on this line ({e}); check the quoting",
+                                   starts_on) from None
+
+    @staticmethod
+    def _column(header, name, field):
+        if name not in header:
+            columns = ", ".join(repr(h) for h in header)
+            raise InvalidFileError(f"no column {name!r} (set {field} to one of: {columns})", 1)
+        return header.index(name)
+
+
+def sniff_delimiter(header_line, prompt_column):
+    """The delimiter that makes the header contain ``prompt_column``; else the
+    one that splits it most; else a comma."""
+    best, best_count = ",", 1
+    for delimiter in CSV_DELIMITERS:
+        names = [name.strip() for name in next(csv.reader([header_line], delimiter=delimiter), [])]
+        if prompt_column in names:
+            return delimiter
+        if len(names) > best_count:
+            best, best_count = delimiter, len(names)
+    return best
+
+
+class JsonlReader(_Reader):
+    """The OpenAI batch line format: ``{custom_id, method, url, body}``, where
+    ``body`` has ``messages`` or ``prompt`` and may set sampling parameters."""
+
+    id_header = "custom_id"
+
+    def _rows(self):
+        line = 0
+        for line, raw in enumerate(self.lines, start=1):
+            if raw.strip():
+                yield self._row(raw, line)
+        if self._count == 0:
+            raise InvalidFileError("the file has no requests; JSONL batches have one JSON object per line", max(line, 1))
+
+    def _row(self, raw, line):
+        try:
+            item = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InvalidFileError(f"not valid JSON ({e.msg} at character {e.colno})", line) from None
+        if not isinstance(item, dict):
+            raise InvalidFileError("each line must be a JSON object with custom_id and body", line)
+        custom_id = item.get("custom_id")
+        if not isinstance(custom_id, str):
+            raise InvalidFileError("custom_id is missing or not a string", line, "custom_id")
+        self._check_id(custom_id, line, "custom_id")
+        url = item.get("url")
+        if url is not None and url not in OPENAI_URLS:
+            raise InvalidFileError(f"url {url!r} is not supported; use one of {', '.join(OPENAI_URLS)}", line, "url")
+        body = item.get("body")
+        if not isinstance(body, dict):
+            raise InvalidFileError("body is missing or not an object", line, "body")
+        model = body.get("model")
+        if model is not None and model != self.upload.model:
+            raise InvalidFileError(
+                f"body.model {model!r} differs from the batch's model {self.upload.model!r}; a batch runs one model",
+                line, "body.model")
+        index = self._next_index(line)
+        row = Row(index, line, custom_id, params=self._params(body, line))
+        if "messages" in body:
+            row.messages = self._messages(body["messages"], line)
+            row.error = self._prompt_error(row.text)
+        elif isinstance(body.get("prompt"), str):
+            row.prompt = body["prompt"]
+            row.error = self._prompt_error(row.prompt)
+        else:
+            raise InvalidFileError("body needs messages (a list) or prompt (a string)", line, "body")
+        return row
+
+    def _params(self, body, line):
+        overrides = {}
+        for key, value in body.items():
+            if key in BODY_INPUT_KEYS:
+                continue
+            name = BODY_ALIASES.get(key, key)
+            if name not in Params.model_fields:
+                raise InvalidFileError(f"body.{key} is not a supported parameter", line, f"body.{key}")
+            overrides[name] = value
+        if not overrides:
+            return {}
+        try:
+            params = Params.model_validate({**self.upload.batch_params, **overrides})
+        except ValidationError as e:
+            problem = e.errors()[0]
+            field = ".".join(str(part) for part in problem["loc"])
+            raise InvalidFileError(problem["msg"], line, f"body.{field}") from None
+        if params.max_tokens > self.upload.max_tokens_limit:
+            raise InvalidFileError(
+                f"max_tokens {params.max_tokens} is above model {self.upload.model!r}'s limit of "
+                f"{self.upload.max_tokens_limit}", line, "body.max_tokens")
+        return {name: getattr(params, name) for name in overrides}
+
+    @staticmethod
+    def _messages(messages, line):
+        if not isinstance(messages, list) or not messages:
+            raise InvalidFileError("body.messages must be a non-empty list", line, "body.messages")
+        return [_message(message, line) for message in messages]
+
+
+def _message(message, line):
+    """A chat message as ``{role, content}``; OpenAI content parts become their text."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    if not isinstance(content, str) or message.get("role") not in MESSAGE_ROLES:
+        raise InvalidFileError(
+            f"each message needs a role ({', '.join(MESSAGE_ROLES)}) and text content", line, "body.messages")
+    return {"role": message["role"], "content": content}
