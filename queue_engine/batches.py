@@ -18,6 +18,7 @@ from typing import NamedTuple
 from sqlalchemy import case, delete, func, insert, select, update
 
 from .errors import BatchFinishedError, NoSuchBatchError
+from . import jobs
 from .jobs import JobState, check_model_request, lease_values, new_id, newest_first, transition_statement
 from .models import utcnow
 from .models import Batch, Job
@@ -245,6 +246,20 @@ def renew_leases(session, job_ids, worker, lease_seconds):
         .values(lease_expires_at=lease_values(worker, lease_seconds)["lease_expires_at"])
         .execution_options(synchronize_session=False)
     ).rowcount
+
+
+def record_outcomes(session, batch_id, worker, generations=(), failures=()):
+    """Store finished rows and count the ones this worker still held.
+
+    Args:
+        generations: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)``.
+        failures: ``(job_id, code, message)`` for rows that failed for good.
+    """
+    completed = sum(jobs.complete_job(session, job_id, worker, *result) for job_id, *result in generations)
+    failed = sum(jobs.fail_job(session, job_id, worker, code, message) for job_id, code, message in failures)
+    if completed or failed:
+        add_counts(session, batch_id, completed=completed, failed=failed)
+    return completed, failed
 
 
 def add_counts(session, batch_id, completed=0, failed=0):

@@ -1,12 +1,15 @@
 """A small HTTP client for the native API, used by the CLI and the demo."""
 
+import json
 import time
+from pathlib import Path
 
 import requests
 
 from .errors import QueueEngineError
 
 FINISHED = {"succeeded", "failed", "cancelled"}
+BATCH_ENDED = {"completed", "failed", "cancelled"}
 
 
 class ApiError(QueueEngineError):
@@ -24,15 +27,15 @@ class Client:
         self.session.headers["Authorization"] = f"Bearer {key}"
         self.timeout = timeout
 
-    def _call(self, method, path, **kwargs):
-        response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+    def _call(self, method, path, stream=False, **kwargs):
+        response = self.session.request(method, self.url + path, timeout=self.timeout, stream=stream, **kwargs)
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
             except (ValueError, KeyError, TypeError):
                 error = {"code": "http_error", "message": response.text[:200]}
             raise ApiError(response.status_code, error.get("code"), error.get("message"))
-        return response.json()
+        return response if stream else response.json()
 
     def submit_job(self, body, idempotency_key=None):
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -51,3 +54,44 @@ class Client:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(interval)
+
+    def submit_batch(self, file, model, filename=None, params=None, **fields):
+        """Upload ``file`` (a path or a binary file object) as a batch of ``model``.
+
+        ``fields`` are the other form fields (``prompt_column``, ``id_column``,
+        ``delimiter``, ``webhook_url``).
+        """
+        form = {"model": model, **{name: value for name, value in fields.items() if value is not None}}
+        if params:
+            form["params"] = json.dumps(params)
+        if isinstance(file, (str, Path)):
+            with open(file, "rb") as f:
+                return self._call("POST", "/api/v1/batches", data=form, files={"file": (filename or Path(file).name, f)})
+        return self._call("POST", "/api/v1/batches", data=form, files={"file": (filename or "upload", file)})
+
+    def get_batch(self, batch_id):
+        return self._call("GET", f"/api/v1/batches/{batch_id}")
+
+    def cancel_batch(self, batch_id):
+        return self._call("POST", f"/api/v1/batches/{batch_id}/cancel")
+
+    def wait_for_batch(self, batch_id, timeout=3600, interval=0.5, on_progress=None):
+        """Poll until the batch ends, calling ``on_progress(batch)`` after each look."""
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = self.get_batch(batch_id)
+            if on_progress is not None:
+                on_progress(batch)
+            if batch["status"] in BATCH_ENDED:
+                return batch
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout} s")
+            time.sleep(interval)
+
+    def write_results(self, batch_id, out, file_format="csv"):
+        """Stream the batch's results into the binary file object ``out``."""
+        response = self._call("GET", f"/api/v1/batches/{batch_id}/results", stream=True,
+                              params={"format": file_format})
+        with response:
+            for piece in response.iter_content(chunk_size=1 << 16):
+                out.write(piece)

@@ -5,8 +5,14 @@ Celery runs a few hundred task threads; each hands its request to
 adds every new request to the engine before each step, so a request that
 arrives while others are generating joins the running batch at the next step
 instead of waiting for the whole batch to finish.
+
+Two lanes share the engine. Interactive requests enter it at the next step,
+always. Bulk rows (batch chunks) wait in the loop and enter only while the
+engine runs fewer than ``max_num_seqs - reserve`` requests, so the batch
+always has seats for interactive work however deep the bulk backlog is.
 """
 
+import collections
 import logging
 import queue
 import threading
@@ -30,12 +36,17 @@ class EngineLoop:
         engine: has ``add(request)``, ``step() -> [(request_id, result)]``,
             ``abort(request_id)`` and ``max_num_seqs``.
         idle_wait: seconds the thread blocks for new work when it has none.
+        reserve: seats of the batch that bulk rows leave to interactive
+            requests (default: an eighth of ``max_num_seqs``).
     """
 
-    def __init__(self, engine, idle_wait=0.05):
+    def __init__(self, engine, idle_wait=0.05, reserve=None):
         self._engine = engine
         self._idle_wait = idle_wait
+        reserve = max(1, engine.max_num_seqs // 8) if reserve is None else reserve
+        self._bulk_seats = max(1, engine.max_num_seqs - reserve)
         self._inbox = queue.SimpleQueue()
+        self._bulk_waiting = collections.deque()
         self._futures = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -50,7 +61,12 @@ class EngineLoop:
 
     @property
     def in_flight(self):
+        """Requests in the engine (not counting bulk rows waiting for a seat)."""
         return len(self._futures)
+
+    @property
+    def bulk_waiting(self):
+        return len(self._bulk_waiting)
 
     def submit(self, request):
         """Hand ``request`` to the engine; the future resolves to its result."""
@@ -66,11 +82,13 @@ class EngineLoop:
 
     def _run(self):
         while not self._stopping.is_set():
-            self._take_new_requests(block=not self._futures)
+            self._take_new_requests(block=not self._futures and not self._bulk_waiting)
+            self._seat_bulk_rows()
             if self._futures:
                 self._step()
-        for future in self._futures.values():
-            future.set_exception(EngineLoopStopped("the engine loop stopped"))
+        stopped = EngineLoopStopped("the engine loop stopped")
+        for future in [*self._futures.values(), *(future for _, future in self._bulk_waiting)]:
+            future.set_exception(stopped)
 
     def _take_new_requests(self, block):
         try:
@@ -83,10 +101,28 @@ class EngineLoop:
 
     def _handle(self, action, payload, future):
         if action == "abort":
-            if self._futures.pop(payload, None) is not None:
-                self._engine.abort(payload)
-                metrics.REQUESTS.labels("aborted").inc()
+            self._abort(payload)
+        elif payload.lane == "bulk":
+            self._bulk_waiting.append((payload, future))
+        else:
+            self._add(payload, future)
+
+    def _abort(self, request_id):
+        if self._futures.pop(request_id, None) is not None:
+            self._engine.abort(request_id)
+            metrics.REQUESTS.labels("aborted").inc()
             return
+        for item in self._bulk_waiting:
+            if item[0].request_id == request_id:
+                self._bulk_waiting.remove(item)
+                metrics.REQUESTS.labels("aborted").inc()
+                return
+
+    def _seat_bulk_rows(self):
+        while self._bulk_waiting and len(self._futures) < self._bulk_seats:
+            self._add(*self._bulk_waiting.popleft())
+
+    def _add(self, payload, future):
         try:
             self._engine.add(payload)
         except EngineRejectedError as e:
@@ -99,6 +135,7 @@ class EngineLoop:
         batch = min(len(self._futures), self._engine.max_num_seqs)
         metrics.BATCH_SIZE.observe(batch)
         metrics.IN_FLIGHT.set(len(self._futures))
+        metrics.BULK_WAITING.set(len(self._bulk_waiting))
         try:
             finished = self._engine.step()
         except Exception as e:

@@ -39,6 +39,7 @@ class GenerationRequest:
     params: dict
     prompt: str | None = None
     messages: list | None = None
+    lane: str = "interactive"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class VllmEngine:
             "model": engine_settings.model_dir,
             "max_num_seqs": engine_settings.max_num_seqs,
             "enforce_eager": True,
+            # Rows of a batch often share an instruction; keep its KV blocks.
+            "enable_prefix_caching": True,
             **engine_settings.engine_args,
         }
         if "dtype" not in args and os.environ.get("VLLM_TARGET_DEVICE") == "cpu":

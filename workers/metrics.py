@@ -9,3 +9,4 @@ BATCH_SIZE = Histogram(
 )
 IN_FLIGHT = Gauge("qe_engine_in_flight", "Requests the engine loop holds")
 REQUESTS = Counter("qe_engine_requests_total", "Requests the engine loop finished, by outcome", ["outcome"])
+BULK_WAITING = Gauge("qe_engine_bulk_waiting", "bulk rows waiting in the worker for a seat in the engine")

@@ -10,6 +10,7 @@ from queue_engine import jobs, keys
 from queue_engine.db import make_sessions, upgrade_database
 
 from .batcher import EngineLoop
+from .bulk import BulkConsumer
 from .celery_app import make_celery
 from .engine import EngineSettings, VllmEngine
 
@@ -46,11 +47,12 @@ def load_runtime(celery_app, model, log=log.info):
 
 
 def worker_options(settings, model, concurrency=None):
-    """The Celery worker options for a worker that serves ``model``."""
+    """The Celery worker options for a worker that serves ``model``'s
+    interactive lane (its bulk lane has a consumer of its own: ``bulk.py``)."""
     return {
         "pool": "threads",
         "concurrency": concurrency or settings.profile(model).max_in_flight,
-        "queues": keys.model_queues(model),
+        "queues": [keys.queue_name(model, "interactive")],
         "hostname": f"{model}@%h",
         "without_mingle": True,
         "without_gossip": True,
@@ -65,10 +67,12 @@ def run_worker(celery_app, model, concurrency=None, loglevel="INFO"):
     what it holds and exits; unacknowledged messages go back to the queue.
     """
     runtime = load_runtime(celery_app, model)
+    bulk = BulkConsumer(celery_app, runtime).start()
     worker = celery_app.Worker(loglevel=loglevel, **worker_options(celery_app.qe_settings, model, concurrency))
     try:
         worker.start()
     finally:
+        bulk.stop()
         runtime.loop.stop()
     return worker.exitcode
 
@@ -85,7 +89,8 @@ def start_embedded_worker(settings, model, log=log.info):
     """
     upgrade_database(settings.sqlalchemy_url)
     celery_app = make_celery(settings)
-    load_runtime(celery_app, model, log=log)
+    runtime = load_runtime(celery_app, model, log=log)
+    BulkConsumer(celery_app, runtime).start()
     controller = celery_app.WorkController(
         loglevel="WARNING", without_heartbeat=True, **worker_options(settings, model)
     )
