@@ -143,19 +143,48 @@ def build_tiny(directory, size):
     build_tiny_model(directory, size, log=click.echo)
 
 
-@main.command()
-@click.option("--prompt", required=True, help="The prompt text.")
-@click.option("--model", "-m", default="tiny", show_default=True, help="The model profile.")
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate.")
-@click.option("--wait", is_flag=True, help="Wait for the job to finish and print its text.")
-@click.option("--url", default=DEFAULT_URL, envvar="QUEUE_ENGINE_URL", show_default=True, help="The server.")
-@click.option("--key", envvar="QUEUE_ENGINE_API_KEY", required=True, help="Your API key.")
-def submit(prompt, model, max_tokens, wait, url, key):
-    """Submit a prompt as a job and print its id (or, with --wait, its text)."""
+def server_options(command):
+    """The --url and --key options of the commands that talk to a server."""
+    command = click.option("--key", envvar="QUEUE_ENGINE_API_KEY", required=True,
+                           help="Your API key (or QUEUE_ENGINE_API_KEY).")(command)
+    return click.option("--url", default=DEFAULT_URL, envvar="QUEUE_ENGINE_URL", show_default=True,
+                        help="The server (or QUEUE_ENGINE_URL).")(command)
+
+
+def api_client(url, key):
     from .client import Client
 
-    client = Client(url, key)
-    job = client.submit_job({"model": model, "prompt": prompt, "params": {"max_tokens": max_tokens}})
+    return Client(url, key, timeout=600)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("--prompt", help="A prompt to run as a single job (instead of FILE).")
+@click.option("--model", "-m", default="tiny", show_default=True, help="The model profile.")
+@click.option("--max-tokens", type=int, default=None, help="Tokens to generate per prompt (server default 256).")
+@click.option("--prompt-column", default=None, help="FILE's prompt column (default 'prompt').")
+@click.option("--id-column", default=None, help="FILE's id column (default 'id'; without one rows are numbered).")
+@click.option("--delimiter", default=None, help="FILE's CSV delimiter (default: sniffed).")
+@click.option("--wait", is_flag=True, help="Wait until done: print the job's text, or show the batch's progress.")
+@server_options
+def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter, wait, url, key):
+    """Submit FILE (CSV or JSONL) as a batch, or --prompt TEXT as a job; print its id."""
+    if (file is None) == (prompt is None):
+        raise click.UsageError("give a FILE to run as a batch, or --prompt TEXT, not both")
+    client = api_client(url, key)
+    params = {"max_tokens": max_tokens} if max_tokens else {}
+    try:
+        if prompt is not None:
+            submit_prompt(client, model, prompt, params, wait)
+        else:
+            submit_file(client, file, model, params, wait,
+                        prompt_column=prompt_column, id_column=id_column, delimiter=delimiter)
+    except QueueEngineError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def submit_prompt(client, model, prompt, params, wait):
+    job = client.submit_job({"model": model, "prompt": prompt, "params": params})
     if not wait:
         click.echo(job["id"])
         return
@@ -165,15 +194,66 @@ def submit(prompt, model, max_tokens, wait, url, key):
     click.echo(job["result"]["text"])
 
 
-@main.command()
-@click.argument("job_id")
-@click.option("--url", default=DEFAULT_URL, envvar="QUEUE_ENGINE_URL", show_default=True, help="The server.")
-@click.option("--key", envvar="QUEUE_ENGINE_API_KEY", required=True, help="Your API key.")
-def status(job_id, url, key):
-    """Print the job JOB_ID as JSON."""
-    from .client import Client
+def submit_file(client, path, model, params, wait, **fields):
+    from tqdm import tqdm
 
-    click.echo(json.dumps(Client(url, key).get_job(job_id), indent=2))
+    batch = client.submit_batch(path, model, params=params, **fields)
+    click.echo(batch["id"])
+    if not wait:
+        return
+    with tqdm(total=batch["request_counts"]["total"], unit="row", desc=batch["id"], file=sys.stderr) as bar:
+        def show(batch):
+            counts = batch["request_counts"]
+            bar.update(counts["completed"] + counts["failed"] + counts["cancelled"] - bar.n)
+            bar.set_postfix(failed=counts["failed"], status=batch["status"], refresh=False)
+
+        batch = client.wait_for_batch(batch["id"], on_progress=show)
+    click.echo(batch_summary(batch))
+
+
+def batch_summary(batch):
+    counts = batch["request_counts"]
+    done = counts["completed"] + counts["failed"] + counts["cancelled"]
+    return (f"{batch['id']} {batch['status']}: {done}/{counts['total']} rows ended "
+            f"({counts['completed']} completed, {counts['failed']} failed, {counts['cancelled']} cancelled)")
+
+
+@main.command()
+@click.argument("object_id")
+@click.option("--json", "as_json", is_flag=True, help="Print a batch as its JSON object.")
+@server_options
+def status(object_id, as_json, url, key):
+    """Print the job OBJECT_ID as JSON, or the batch OBJECT_ID's counts."""
+    client = api_client(url, key)
+    try:
+        if not object_id.startswith("batch_"):
+            click.echo(json.dumps(client.get_job(object_id), indent=2))
+            return
+        batch = client.get_batch(object_id)
+    except QueueEngineError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(batch, indent=2) if as_json else batch_summary(batch))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout.")
+@click.option("--format", "file_format", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="Default: from the --output name, else csv.")
+@server_options
+def results(batch_id, output, file_format, url, key):
+    """Write the results of BATCH_ID (one row per input row, in input order)."""
+    file_format = file_format or ("jsonl" if output and output.endswith((".jsonl", ".ndjson")) else "csv")
+    client = api_client(url, key)
+    try:
+        if output is None:
+            client.write_results(batch_id, sys.stdout.buffer, file_format)
+            return
+        with open(output, "wb") as out:
+            client.write_results(batch_id, out, file_format)
+    except QueueEngineError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {output}", err=True)
 
 
 @main.command()

@@ -3,12 +3,14 @@
 import csv
 import io
 import json
+import os
+import subprocess
 
 import pytest
 from sqlalchemy import func, select
 
 from queue_engine.models import Job
-from tests.helpers import wait_until
+from tests.helpers import queue_engine_command, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +125,30 @@ def test_an_interactive_job_overtakes_a_bulk_backlog(cluster):
 def rows_in(cluster, batch_id, status):
     with cluster.sessions() as session:
         return session.scalar(select(func.count(Job.id)).where(Job.batch_id == batch_id, Job.status == status))
+
+
+def test_the_cli_submits_a_file_waits_with_progress_and_writes_the_results(cluster, tmp_path):
+    client = cluster.new_client()
+    source = tmp_path / "prompts.csv"
+    source.write_text("id,prompt\n" + "".join(f"q{i},Count to {i}\n" for i in range(40)))
+    env = {"QUEUE_ENGINE_URL": cluster.url, "QUEUE_ENGINE_API_KEY": client.session.headers["Authorization"][7:]}
+
+    submitted = run_cli(["submit", str(source), "--model", "tiny", "--max-tokens", "3", "--wait"], env)
+    batch_id, summary = submitted.stdout.split()[0], submitted.stdout.strip().splitlines()[-1]
+    assert batch_id.startswith("batch_")
+    assert summary == f"{batch_id} completed: 40/40 rows ended (40 completed, 0 failed, 0 cancelled)"
+    assert "40/40" in submitted.stderr, "a progress bar on stderr"
+
+    assert run_cli(["status", batch_id], env).stdout.strip() == summary
+    out = tmp_path / "results.csv"
+    run_cli(["results", batch_id, "-o", str(out)], env)
+    table = list(csv.DictReader(out.open()))
+    assert [row["id"] for row in table] == [f"q{i}" for i in range(40)]
+    assert {row["status"] for row in table} == {"succeeded"}
+
+
+def run_cli(args, env):
+    result = subprocess.run([queue_engine_command(), *args], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result

@@ -1,6 +1,7 @@
-"""A worker killed with SIGKILL mid-run loses no job: after a new worker
-starts, every job ends succeeded, each run to completion exactly once."""
+"""A worker killed with SIGKILL mid-run loses no job and no batch row: after a
+new worker starts, everything ends succeeded, each run to completion exactly once."""
 
+import io
 import os
 import signal
 
@@ -15,6 +16,7 @@ from tests.integration.conftest import Cluster
 pytestmark = pytest.mark.integration
 
 JOBS = 24
+FINISHED = 'qe_engine_requests_total{outcome="finished"}'
 
 
 @pytest.fixture
@@ -54,10 +56,42 @@ def test_sigkilled_worker_loses_no_job(fragile_cluster):
     completed_by_second = [job_id for job_id, owner in owners.items() if owner not in dead_worker]
     assert completed_by_second, "the second worker finished the dead worker's jobs"
     # Exactly once: the second worker's engine finished one request per job it completed, no more.
-    assert second.metrics()['qe_engine_requests_total{outcome="finished"}'] == len(completed_by_second)
+    assert second.metrics()[FINISHED] == len(completed_by_second)
 
 
 def lease_owners(cluster, job_ids):
     """Which worker completed each job (the lease owner is kept after success)."""
     with cluster.sessions() as session:
         return dict(session.execute(select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids))).all())
+
+
+def test_a_chunk_held_by_a_sigkilled_worker_comes_back_and_every_row_ends_once(fragile_cluster):
+    """The dead worker's unacknowledged chunks are redelivered; the next worker
+    runs only the rows that had not finished, each exactly once."""
+    first = fragile_cluster.start_worker()
+    client = fragile_cluster.new_client()
+    data = io.BytesIO(("prompt\n" + "".join(f"Tell me a long story about {i}\n" for i in range(600))).encode())
+    batch = client.submit_batch(data, "tiny", filename="stories.csv", params={"max_tokens": 48, "temperature": 0})
+    wait_until(lambda: client.get_batch(batch["id"])["request_counts"]["completed"] > 0 and
+               batch_rows(fragile_cluster, batch["id"], Job.status == "running"),
+               60, "rows to finish and others to be running on the first worker")
+    os.kill(first.process.pid, signal.SIGKILL)
+    first.process.wait(10)
+    dead = {owner for _, owner in batch_rows(fragile_cluster, batch["id"], Job.status == "running")}
+
+    second = fragile_cluster.start_worker(wait=False)
+    done = client.wait_for_batch(batch["id"], timeout=300)
+
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 600, "completed": 600, "failed": 0, "cancelled": 0}
+    rows = batch_rows(fragile_cluster, batch["id"])
+    assert len(dead) == 1
+    by_second = [job_id for job_id, owner in rows if owner not in dead]
+    assert 0 < len(by_second) < 600, "the first worker's finished rows were kept, the rest run by the second"
+    assert second.metrics()[FINISHED] == len(by_second)
+
+
+def batch_rows(cluster, batch_id, *where):
+    """``(job id, lease owner)`` of a batch's rows; the owner is kept after success."""
+    with cluster.sessions() as session:
+        return session.execute(select(Job.id, Job.lease_owner).where(Job.batch_id == batch_id, *where)).all()

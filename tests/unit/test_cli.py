@@ -55,7 +55,17 @@ def test_worker_with_unknown_model_exits_with_the_configured_names(env):
 
 def test_every_command_has_help():
     """`--help` works on each command of the contract."""
-    for command in (["serve"], ["worker"], ["submit"], ["status"], ["keys", "create"], ["db", "upgrade"],
+    for command in (["serve"], ["worker"], ["submit"], ["status"], ["results"], ["keys", "create"], ["db", "upgrade"],
                     ["models", "build-tiny"], ["demo"]):
         result = CliRunner().invoke(main, [*command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+@pytest.mark.parametrize("with_file, with_prompt", [(True, True), (False, False)])
+def test_submit_takes_a_file_or_a_prompt(tmp_path, with_file, with_prompt):
+    """`submit` runs FILE as a batch or --prompt as a job: exactly one of them."""
+    source = tmp_path / "rows.csv"
+    source.write_text("prompt\nx\n")
+    args = ([str(source)] if with_file else []) + (["--prompt", "hi"] if with_prompt else [])
+    result = CliRunner().invoke(main, ["submit", *args, "--key", "k"], env={})
+    assert result.exit_code == 2 and "give a FILE" in result.output
