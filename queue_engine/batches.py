@@ -255,7 +255,7 @@ def record_outcomes(session, batch_id, worker, generations=(), failures=()):
         generations: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)``.
         failures: ``(job_id, code, message)`` for rows that failed for good.
     """
-    completed = sum(jobs.complete_job(session, job_id, worker, *result) for job_id, *result in generations)
+    completed = jobs.complete_jobs(session, worker, generations)
     failed = sum(jobs.fail_job(session, job_id, worker, code, message) for job_id, code, message in failures)
     if completed or failed:
         add_counts(session, batch_id, completed=completed, failed=failed)

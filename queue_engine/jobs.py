@@ -16,7 +16,7 @@ from datetime import timedelta
 from enum import Enum
 from typing import NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .errors import (
@@ -360,6 +360,29 @@ def complete_job(session, job_id, worker, text, finish_reason, prompt_tokens, co
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         error_code=None, error_message=None,
     )
+
+
+def complete_jobs(session, worker, results):
+    """Store many results in one statement (executed for each), as
+    :func:`complete_job` does for one.
+
+    Args:
+        results: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)`` tuples.
+
+    Returns:
+        How many of the jobs were still this worker's to complete.
+    """
+    if not results:
+        return 0
+    statement = transition_statement(
+        JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id"), Job.lease_owner == worker], {
+            "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
+            "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
+            "error_code": None, "error_message": None,
+        },
+    ).execution_options(dml_strategy="core_only")
+    names = ("b_id", "b_text", "b_finish", "b_prompt", "b_completion")
+    return session.execute(statement, [dict(zip(names, result)) for result in results]).rowcount
 
 
 def fail_job(session, job_id, worker, code, message):

@@ -1,6 +1,7 @@
 """Embedded mode: `queue-engine serve` with no configuration answers jobs with
 no Redis, using its in-process broker and worker."""
 
+import io
 import json
 import os
 import subprocess
@@ -64,6 +65,17 @@ def test_cli_submit_wait_and_status(embedded):
     assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
     status = subprocess.run([cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == job_id
+
+
+def test_a_batch_runs_in_embedded_mode(embedded):
+    """The in-process worker consumes the bulk lane too."""
+    client = Client(embedded["url"], embedded["key"])
+    rows = "".join(f"{i},Say {i}\n" for i in range(100))
+    batch = client.submit_batch(io.BytesIO(f"id,prompt\n{rows}".encode()), "tiny", filename="rows.csv",
+                                params={"max_tokens": 3})
+    done = client.wait_for_batch(batch["id"], timeout=120, interval=0.2)
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 100, "completed": 100, "failed": 0, "cancelled": 0}
 
 
 def test_demo_command_runs_sample_prompts(tmp_path, tiny_model_dir):
