@@ -28,3 +28,4 @@ test: setup system-deps
 
 bench: setup system-deps
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/batches.py

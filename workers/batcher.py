@@ -37,13 +37,13 @@ class EngineLoop:
             ``abort(request_id)`` and ``max_num_seqs``.
         idle_wait: seconds the thread blocks for new work when it has none.
         reserve: seats of the batch that bulk rows leave to interactive
-            requests (default: an eighth of ``max_num_seqs``).
+            requests (default: a sixteenth of ``max_num_seqs``).
     """
 
     def __init__(self, engine, idle_wait=0.05, reserve=None):
         self._engine = engine
         self._idle_wait = idle_wait
-        reserve = max(1, engine.max_num_seqs // 8) if reserve is None else reserve
+        reserve = max(1, engine.max_num_seqs // 16) if reserve is None else reserve
         self._bulk_seats = max(1, engine.max_num_seqs - reserve)
         self._inbox = queue.SimpleQueue()
         self._bulk_waiting = collections.deque()

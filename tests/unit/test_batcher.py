@@ -143,10 +143,10 @@ def test_bulk_rows_leave_seats_for_interactive_requests(engine, loop):
     """Bulk rows fill the batch only up to max_num_seqs minus the reserve; the rest wait in the loop."""
     engine.gated = True
     [loop.submit(request(f"b{i:02}", steps=2, lane="bulk")) for i in range(70)]
-    wait_until(lambda: loop.in_flight == 56 and loop.bulk_waiting == 14, 5, "bulk rows seated")
+    wait_until(lambda: loop.in_flight == 60 and loop.bulk_waiting == 10, 5, "bulk rows seated")
     engine.step_gate.release()
     wait_until(lambda: len(engine.batches) == 1, 5, "first step")
-    assert len(engine.batches[0]) == 56
+    assert len(engine.batches[0]) == 60
 
 
 def test_an_interactive_request_joins_the_next_step_ahead_of_waiting_bulk_rows(engine, loop):
@@ -157,25 +157,25 @@ def test_an_interactive_request_joins_the_next_step_ahead_of_waiting_bulk_rows(e
     wait_until(lambda: len(engine.batches) == 1, 5, "first step")
     urgent = loop.submit(request("urgent", steps=1))
     engine.step_gate.release()  # step 2 was already waiting with the bulk rows alone
-    wait_until(lambda: loop.in_flight == 57, 5, "the interactive request taken in")
+    wait_until(lambda: loop.in_flight == 61, 5, "the interactive request taken in")
     engine.step_gate.release()
     assert urgent.result(timeout=5) == "done urgent"
-    assert "urgent" in engine.batches[2] and loop.bulk_waiting == 44
+    assert "urgent" in engine.batches[2] and loop.bulk_waiting == 40
 
 
 def test_bulk_rows_take_the_seats_that_free_up(engine, loop):
-    futures = [loop.submit(request(f"b{i:02}", steps=1, lane="bulk")) for i in range(120)]
+    futures = [loop.submit(request(f"b{i:03}", steps=1, lane="bulk")) for i in range(130)]
     done, _ = wait(futures, timeout=10)
-    assert len(done) == 120
-    assert [len(batch) for batch in engine.batches] == [56, 56, 8]
+    assert len(done) == 130
+    assert [len(batch) for batch in engine.batches] == [60, 60, 10]
 
 
 def test_a_waiting_bulk_row_can_be_aborted(engine, loop):
     engine.gated = True
-    for i in range(57):
+    for i in range(61):
         loop.submit(request(f"b{i:02}", steps=5, lane="bulk"))
     wait_until(lambda: loop.bulk_waiting == 1, 5, "one row left waiting")
-    loop.abort("b56")
+    loop.abort("b60")
     engine.step_gate.release()
     wait_until(lambda: loop.bulk_waiting == 0, 5, "the waiting row dropped")
-    assert loop.in_flight == 56 and engine.aborted == []
+    assert loop.in_flight == 60 and engine.aborted == []
