@@ -9,7 +9,7 @@ import sys
 import threading
 from concurrent.futures import Future
 
-from queue_engine import jobs
+from queue_engine import leases
 from queue_engine.db import make_sessions
 from queue_engine.errors import EngineRejectedError
 from queue_engine.settings import load_settings
@@ -51,7 +51,7 @@ def main(model):
     engine = VllmEngine(EngineSettings.from_profile(settings.profile(model), settings))
     app.qe_runtime = WorkerRuntime(
         settings=settings, model=model, sessions=make_sessions(settings.sqlalchemy_url),
-        loop=OnePromptAtATime(engine), worker_id=jobs.worker_identity(),
+        loop=OnePromptAtATime(engine), worker_id=leases.worker_identity(),
     )
     app.set_default()
     app.Worker(loglevel="WARNING", **worker_options(settings, model)).start()

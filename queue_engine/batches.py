@@ -18,8 +18,8 @@ from typing import NamedTuple
 from sqlalchemy import case, delete, func, insert, select, update
 
 from .errors import BatchFinishedError, NoSuchBatchError
-from . import jobs
-from .jobs import JobState, check_model_request, lease_values, new_id, newest_first, transition_statement
+from .jobs import JobState, check_model_request, new_id, newest_first, transition_statement
+from .leases import complete_jobs, fail_job, lease_values
 from .models import utcnow
 from .models import Batch, Job
 from .schemas import BatchOut
@@ -255,8 +255,8 @@ def record_outcomes(session, batch_id, worker, generations=(), failures=()):
         generations: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)``.
         failures: ``(job_id, code, message)`` for rows that failed for good.
     """
-    completed = jobs.complete_jobs(session, worker, generations)
-    failed = sum(jobs.fail_job(session, job_id, worker, code, message) for job_id, code, message in failures)
+    completed = complete_jobs(session, worker, generations)
+    failed = sum(fail_job(session, job_id, worker, code, message) for job_id, code, message in failures)
     if completed or failed:
         add_counts(session, batch_id, completed=completed, failed=failed)
     return completed, failed

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 
-from queue_engine import batches, jobs
+from queue_engine import batches, leases
 from queue_engine.db import transaction
 from queue_engine.errors import EngineRejectedError
 
@@ -198,5 +198,5 @@ def store_outcomes(runtime, batch_id, ended):
     with transaction(runtime.sessions) as session:
         batches.record_outcomes(session, batch_id, runtime.worker_id, generations, failures)
         for job_id, message in retries:
-            jobs.requeue_job(session, job_id, runtime.worker_id, "engine_error", message)
+            leases.requeue_job(session, job_id, runtime.worker_id, "engine_error", message)
     return len(retries)

@@ -6,7 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from queue_engine import jobs, keys
+from queue_engine import keys, leases
 from queue_engine.db import make_sessions, upgrade_database
 
 from .batcher import EngineLoop
@@ -38,7 +38,7 @@ def load_runtime(celery_app, model, log=log.info):
         model=model,
         sessions=make_sessions(settings.sqlalchemy_url),
         loop=EngineLoop(engine).start(),
-        worker_id=jobs.worker_identity(),
+        worker_id=leases.worker_identity(),
     )
     celery_app.qe_runtime = runtime
     # Celery's threads pool looks tasks up on the process's default app.

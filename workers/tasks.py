@@ -5,7 +5,7 @@ loop, keeps the job's lease alive while it waits, and stores the outcome.
 import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from queue_engine import jobs, keys
+from queue_engine import keys, leases
 from queue_engine.db import transaction
 from queue_engine.errors import EngineRejectedError
 
@@ -27,7 +27,7 @@ def run_job(task, job_id):
     runtime = task.app.qe_runtime
     settings = runtime.settings
     with transaction(runtime.sessions) as session:
-        claim = jobs.claim_job(session, job_id, runtime.worker_id, settings.lease_seconds, settings.max_attempts)
+        claim = leases.claim_job(session, job_id, runtime.worker_id, settings.lease_seconds, settings.max_attempts)
     if claim.retry_in:
         # Another worker holds a live lease; look again when it would expire.
         raise task.retry(countdown=claim.retry_in)
@@ -50,14 +50,14 @@ def run_job(task, job_id):
         if job.attempts < settings.max_attempts:
             log.warning("job %s attempt %d failed (%s); retrying", job.id, job.attempts, message)
             with transaction(runtime.sessions) as session:
-                requeued = jobs.requeue_job(session, job.id, runtime.worker_id, "engine_error", message)
+                requeued = leases.requeue_job(session, job.id, runtime.worker_id, "engine_error", message)
             if requeued:
                 raise task.retry(countdown=settings.retry_delay) from e
             return
         record_failure(runtime, job.id, "engine_error", f"failed after {job.attempts} attempts: {message}")
         return
     with transaction(runtime.sessions) as session:
-        jobs.complete_job(
+        leases.complete_job(
             session, job.id, runtime.worker_id, generation.text, generation.finish_reason,
             generation.prompt_tokens, generation.completion_tokens,
         )
@@ -75,10 +75,10 @@ def wait_for_generation(runtime, job_id, future):
             return future.result(timeout=lease / 3)
         except FutureTimeout:
             with transaction(runtime.sessions) as session:
-                if not jobs.renew_lease(session, job_id, runtime.worker_id, lease):
+                if not leases.renew_lease(session, job_id, runtime.worker_id, lease):
                     raise JobLostError(job_id) from None
 
 
 def record_failure(runtime, job_id, code, message):
     with transaction(runtime.sessions) as session:
-        jobs.fail_job(session, job_id, runtime.worker_id, code, message)
+        leases.fail_job(session, job_id, runtime.worker_id, code, message)

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from queue_engine import jobs
+from queue_engine import jobs, leases
 from queue_engine.db import transaction
 from queue_engine.errors import (
     IdempotencyConflictError,
@@ -37,7 +37,7 @@ def new_job(sessions, settings, owner, idempotency_key=None, **fields):
 
 def claim(sessions, job_id, worker="w1"):
     with transaction(sessions) as session:
-        return jobs.claim_job(session, job_id, worker, LEASE, MAX_ATTEMPTS)
+        return leases.claim_job(session, job_id, worker, LEASE, MAX_ATTEMPTS)
 
 
 def reload(sessions, job_id):
@@ -52,7 +52,7 @@ def expire_lease(sessions, job_id):
 
 def complete(sessions, job_id, worker="w1"):
     with transaction(sessions) as session:
-        return jobs.complete_job(session, job_id, worker, "text", "length", 3, 4)
+        return leases.complete_job(session, job_id, worker, "text", "length", 3, 4)
 
 
 def test_create_job_stores_a_queued_job(sessions, settings, owner):
@@ -111,7 +111,7 @@ def test_redelivered_message_for_a_finished_job_does_nothing(sessions, settings,
     job, _ = new_job(sessions, settings, owner)
     claim(sessions, job.id)
     assert complete(sessions, job.id)
-    assert claim(sessions, job.id, "w2") == jobs.Claim()
+    assert claim(sessions, job.id, "w2") == leases.Claim()
     stored = reload(sessions, job.id)
     assert stored.status == "succeeded" and stored.attempts == 1 and stored.result_text == "text"
 
@@ -133,7 +133,7 @@ def test_job_lost_too_often_fails(sessions, settings, owner):
     for worker in ("a", "b", "c"):
         assert claim(sessions, job.id, worker).job is not None
         expire_lease(sessions, job.id)
-    assert claim(sessions, job.id, "d") == jobs.Claim()
+    assert claim(sessions, job.id, "d") == leases.Claim()
     stored = reload(sessions, job.id)
     assert stored.status == "failed" and stored.error_code == "worker_lost" and stored.attempts == 3
 
@@ -143,7 +143,7 @@ def test_cancel_before_start_means_never_started(sessions, settings, owner):
     job, _ = new_job(sessions, settings, owner)
     with transaction(sessions) as session:
         assert jobs.cancel_job(session, owner, job.id).status == "cancelled"
-    assert claim(sessions, job.id) == jobs.Claim()
+    assert claim(sessions, job.id) == leases.Claim()
     stored = reload(sessions, job.id)
     assert stored.status == "cancelled" and stored.started_at is None and stored.finished_at is not None
 
@@ -155,7 +155,7 @@ def test_cancel_while_running_discards_the_result(sessions, settings, owner):
     with transaction(sessions) as session:
         jobs.cancel_job(session, owner, job.id)
     with transaction(sessions) as session:
-        assert not jobs.renew_lease(session, job.id, "w1", LEASE)
+        assert not leases.renew_lease(session, job.id, "w1", LEASE)
     assert not complete(sessions, job.id)
     assert reload(sessions, job.id).status == "cancelled"
 
@@ -175,7 +175,7 @@ def test_requeue_after_failed_attempt_keeps_the_error(sessions, settings, owner)
     job, _ = new_job(sessions, settings, owner)
     claim(sessions, job.id)
     with transaction(sessions) as session:
-        assert jobs.requeue_job(session, job.id, "w1", "engine_error", "boom")
+        assert leases.requeue_job(session, job.id, "w1", "engine_error", "boom")
     stored = reload(sessions, job.id)
     assert (stored.status, stored.error_code, stored.lease_owner) == ("queued", "engine_error", None)
     assert claim(sessions, job.id, "w2").job.attempts == 2
