@@ -1,8 +1,8 @@
 """Every queue name and Redis key the project uses, in one place.
 
-Each model profile has two lanes: ``interactive`` (single jobs, tribunals)
-and ``bulk`` (batch rows). A worker consumes its model's interactive lane
-before its bulk lane.
+Each model profile has two queues: ``interactive`` (a Celery task per single
+job or tribunal) and ``bulk`` (a plain message per chunk of batch rows, taken
+by a worker only when its engine has room; see ``workers/bulk.py``).
 """
 
 PREFIX = "qe"
@@ -10,7 +10,7 @@ LANES = ("interactive", "bulk")
 
 
 def queue_name(model, lane="interactive"):
-    """The Celery queue of ``model``'s ``lane``.
+    """The queue of ``model``'s ``lane``.
 
     >>> queue_name("tiny")
     'qe.tiny.interactive'

@@ -54,8 +54,12 @@ def make_celery(settings):
 
 
 def send_job(app, job):
-    """Put ``job`` on its model's queue, in its lane."""
-    app.send_task(keys.RUN_JOB_TASK, args=[job.id], queue=keys.queue_name(job.model, job.lane))
+    """Put a single job on its model's interactive queue.
+
+    A job with ``priority: bulk`` travels there too (the bulk queue carries
+    batch chunks only) and takes a bulk seat in the engine, behind batch rows.
+    """
+    app.send_task(keys.RUN_JOB_TASK, args=[job.id], queue=keys.queue_name(job.model, "interactive"))
 
 
 def bulk_queue(model):

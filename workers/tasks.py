@@ -35,7 +35,8 @@ def run_job(task, job_id):
         return
     job = claim.job
     request = GenerationRequest(
-        request_id=f"{job.id}:{job.attempts}", params=job.params, prompt=job.prompt, messages=job.messages
+        request_id=f"{job.id}:{job.attempts}", params=job.params, prompt=job.prompt, messages=job.messages,
+        lane=job.lane,
     )
     try:
         generation = wait_for_generation(runtime, job.id, runtime.loop.submit(request))

@@ -51,10 +51,11 @@ def test_post_job_stores_and_enqueues(client, app, auth, broker, spec):
     assert job["id"].encode() in broker.lindex(QUEUE, 0)
 
 
-def test_bulk_priority_goes_to_the_bulk_lane(client, auth, broker):
-    """priority=bulk puts the message on the model's bulk lane."""
-    assert post_job(client, auth, {"model": "tiny", "prompt": "x", "priority": "bulk"}).status_code == 202
-    assert (broker.llen(QUEUE), broker.llen(keys.queue_name("tiny", "bulk"))) == (0, 1)
+def test_a_bulk_priority_job_travels_the_job_queue_and_keeps_its_lane(client, auth, broker):
+    """The bulk queue carries batch chunks only; priority=bulk is applied in the engine."""
+    response = post_job(client, auth, {"model": "tiny", "prompt": "x", "priority": "bulk"})
+    assert response.status_code == 202 and response.get_json()["priority"] == "bulk"
+    assert (broker.llen(QUEUE), broker.llen(keys.queue_name("tiny", "bulk"))) == (1, 0)
 
 
 @pytest.mark.parametrize("body, field", [
