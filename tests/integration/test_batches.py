@@ -122,6 +122,14 @@ def test_an_interactive_job_overtakes_a_bulk_backlog(cluster):
     client.wait_for_batch(batch["id"], timeout=120)
 
 
+def test_a_single_job_with_bulk_priority_runs(cluster):
+    client = cluster.new_client()
+    job = client.submit_job({"model": "tiny", "prompt": "Slowly, please", "priority": "bulk",
+                             "params": {"max_tokens": 3}})
+    done = client.wait_for_job(job["id"], timeout=60)
+    assert (done["status"], done["priority"]) == ("succeeded", "bulk")
+
+
 def rows_in(cluster, batch_id, status):
     with cluster.sessions() as session:
         return session.scalar(select(func.count(Job.id)).where(Job.batch_id == batch_id, Job.status == status))
