@@ -31,14 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import redis as redis_py  # noqa: E402
 import requests  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from bench.throughput import CACHE, PYTHON, make_prompts, offline_generate  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
 from queue_engine.jobs import create_job  # noqa: E402
-from queue_engine.models import ApiKey  # noqa: E402
+from queue_engine.models import ApiKey, Job  # noqa: E402
 from queue_engine.schemas import JobCreate  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, free_port, stop_process, wait_until  # noqa: E402
@@ -179,10 +181,6 @@ def batch_vs_offline(service, model_dir, prompts, max_tokens, max_in_flight, tmp
 
 
 def completion_tokens(service, batch_id):
-    from sqlalchemy import func, select
-
-    from queue_engine.models import Job
-
     with service.app.extensions["qe_sessions"]() as session:
         return session.scalar(select(func.sum(Job.completion_tokens)).where(Job.batch_id == batch_id))
 
@@ -266,8 +264,6 @@ def main():
 
 def redis_flush(redis):
     """Drop the ingest's messages (no worker serves their model here)."""
-    import redis as redis_py
-
     client = redis_py.Redis.from_url(redis.url)
     client.flushdb()
     client.close()

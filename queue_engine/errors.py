@@ -66,12 +66,6 @@ class InvalidFileError(InvalidRequestError):
         self.line, self.column = line, column
 
 
-class FileTooLargeError(InvalidFileError):
-    """The upload is over a configured limit on bytes."""
-
-    code = "file_too_large"
-
-
 class IdempotencyConflictError(QueueEngineError):
     """An ``Idempotency-Key`` was reused with a different request body."""
 

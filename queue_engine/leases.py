@@ -84,12 +84,7 @@ def renew_lease(session, job_id, worker, lease_seconds):
 
 def complete_job(session, job_id, worker, text, finish_reason, prompt_tokens, completion_tokens):
     """Store the result; False if the job was cancelled or taken over meanwhile."""
-    return transition(
-        session, job_id, JobState.RUNNING, JobState.SUCCEEDED, where=[Job.lease_owner == worker],
-        result_text=text, finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        error_code=None, error_message=None,
-    )
+    return complete_jobs(session, worker, [(job_id, text, finish_reason, prompt_tokens, completion_tokens)]) == 1
 
 
 def complete_jobs(session, worker, results):

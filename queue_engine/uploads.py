@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from .errors import InvalidFileError
 from .schemas import MESSAGE_ROLES, Params
 
-FORMATS = ("csv", "jsonl")
 CSV_DELIMITERS = (",", ";", "\t", "|")
 MAX_ID_CHARS = 255
 #: JSONL request bodies may name these besides the sampling parameters.
@@ -154,7 +153,7 @@ class _Reader:
         self._seen_ids.add(custom_id)
 
     def _prompt_error(self, text):
-        if not text.strip():
+        if not text or text.isspace():
             return ("empty_prompt", "the prompt is empty")
         if len(text) > self.upload.max_prompt_chars:
             return ("prompt_too_long",

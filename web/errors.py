@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 
 #: The first matching class wins, so subclasses come before their bases.
 STATUS_FOR = {
-    errors.FileTooLargeError: 413,
     errors.InvalidRequestError: 400,
     errors.AuthenticationError: 401,
     errors.NotFoundError: 404,

@@ -45,13 +45,11 @@ def submit_batch(request_body, file):
     file.stream.seek(0)
     file_format = uploads.detect_format(file.filename, head)
     reader = uploads.read_rows(file.stream, file_format, uploads.Upload.from_request(request_body, settings))
-    try:
-        batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
-                                     file_format=file_format, filename=file.filename)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    # On a problem with the file nothing is committed: the request's session
+    # is closed (rolled back) when the request ends.
+    batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
+                                 file_format=file_format, filename=file.filename)
+    session.commit()
     try:
         send_chunks(current_app.extensions["celery"], batch)
     except BROKER_ERRORS as e:

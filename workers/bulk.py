@@ -88,11 +88,11 @@ class BulkConsumer:
         consumer = connection.Consumer(bulk_queue(self.runtime.model), callbacks=[self._take], accept=["json"])
         with consumer:
             while True:
-                self._settle_ended_chunks(block=False)
+                full = self._stopping.is_set() or self._held >= self.max_chunks
+                self._settle_ended_chunks(block=full)
                 if self._stopping.is_set() and not self._held:
                     return
-                if self._stopping.is_set() or self._held >= self.max_chunks:
-                    self._settle_ended_chunks(block=True)
+                if full:
                     continue
                 try:
                     connection.drain_events(timeout=POLL_INTERVAL)

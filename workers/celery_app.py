@@ -73,11 +73,11 @@ def bulk_queue(model):
     return Queue(name, Exchange(""), routing_key=name)
 
 
-def send_chunks(app, batch, chunks=None):
+def send_chunks(app, batch):
     """Put one message per chunk of ``batch`` on its model's bulk lane."""
     queue = bulk_queue(batch.model)
     with app.producer_or_acquire() as producer:
-        for chunk in range(batch.chunks) if chunks is None else chunks:
+        for chunk in range(batch.chunks):
             producer.publish(
                 {"batch_id": batch.id, "chunk": chunk}, exchange="", routing_key=queue.routing_key,
                 serializer="json", retry=True, retry_policy=app.conf.task_publish_retry_policy,
