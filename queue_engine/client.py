@@ -41,6 +41,14 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/api/v1/jobs", json=body, headers=headers)
 
+    def submit_tribunal(self, body, idempotency_key=None):
+        """Submit a tribunal; it is read, waited for and cancelled as a job."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/api/v1/tribunals", json=body, headers=headers)
+
+    def cancel_job(self, job_id):
+        return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
+
     def get_job(self, job_id):
         return self._call("GET", f"/api/v1/jobs/{job_id}")
 

@@ -111,14 +111,21 @@ def check_model_request(settings, request):
     Raises:
         InvalidRequestError: naming the field that is wrong.
     """
-    if request.model not in settings.models:
+    check_model(settings, request.model, request.params, "model")
+
+
+def check_model(settings, model, params, field):
+    """Check that ``model`` (given in ``field``) is a profile that can take ``params``.
+
+    Raises:
+        InvalidRequestError: naming ``field`` or ``params.max_tokens``.
+    """
+    if model not in settings.models:
         known = ", ".join(sorted(settings.models))
-        raise InvalidRequestError(f"model: no model profile {request.model!r}; configured: {known}", "unknown_model")
-    limit = settings.models[request.model].max_model_len
-    if request.params.max_tokens > limit:
-        raise InvalidRequestError(
-            f"params.max_tokens: {request.params.max_tokens} is above model {request.model!r}'s limit of {limit}"
-        )
+        raise InvalidRequestError(f"{field}: no model profile {model!r}; configured: {known}", "unknown_model")
+    limit = settings.models[model].max_model_len
+    if params.max_tokens > limit:
+        raise InvalidRequestError(f"params.max_tokens: {params.max_tokens} is above model {model!r}'s limit of {limit}")
 
 
 def create_job(session, owner_id, request, settings, idempotency_key=None, kind="single"):
@@ -135,17 +142,16 @@ def create_job(session, owner_id, request, settings, idempotency_key=None, kind=
         IdempotencyConflictError: the key was used for a different request.
     """
     check_model_request(settings, request)
-    fingerprint = request_hash(request)
-    if idempotency_key is not None:
-        existing = _find_by_idempotency_key(session, owner_id, idempotency_key)
-        if existing is not None:
-            return _replay(existing, fingerprint), False
-    job = Job(
+    job = job_from_request(owner_id, request, idempotency_key, kind=kind, model=request.model, lane=request.priority)
+    return add_once(session, job)
+
+
+def job_from_request(owner_id, request, idempotency_key=None, **fields):
+    """A new queued job with what every request has (the prompt or messages,
+    params, metadata, webhook) and ``fields`` (kind, model, lane...)."""
+    return Job(
         id=new_id(),
         owner_id=owner_id,
-        kind=kind,
-        model=request.model,
-        lane=request.priority,
         status=JobState.QUEUED.value,
         prompt=request.prompt,
         messages=[m.model_dump() for m in request.messages] if request.messages else None,
@@ -153,22 +159,38 @@ def create_job(session, owner_id, request, settings, idempotency_key=None, kind=
         meta=request.metadata,
         webhook_url=request.webhook_url,
         idempotency_key=idempotency_key,
-        request_hash=fingerprint,
+        request_hash=request_hash(request),
         attempts=0,
         created_at=utcnow(),
+        **fields,
     )
-    if idempotency_key is None:
+
+
+def add_once(session, job):
+    """Add a new ``job``, unless its owner already used its idempotency key.
+
+    Returns:
+        ``(job, created)``: ``job`` and True, or the job stored earlier under
+        the same key and False.
+
+    Raises:
+        IdempotencyConflictError: the key was used for a different request.
+    """
+    if job.idempotency_key is None:
         session.add(job)
         return job, True
+    existing = _find_by_idempotency_key(session, job.owner_id, job.idempotency_key)
+    if existing is not None:
+        return _replay(existing, job.request_hash), False
     try:
         with session.begin_nested():
             session.add(job)
     except IntegrityError:
         # Another request with the same key won the race.
-        existing = _find_by_idempotency_key(session, owner_id, idempotency_key)
+        existing = _find_by_idempotency_key(session, job.owner_id, job.idempotency_key)
         if existing is None:
             raise
-        return _replay(existing, fingerprint), False
+        return _replay(existing, job.request_hash), False
     return job, True
 
 
@@ -194,11 +216,14 @@ def delete_unsent_job(session, job_id):
 def get_job(session, owner_id, job_id):
     """The job ``job_id`` if ``owner_id`` created it.
 
+    A tribunal's steps are not jobs of the API: they are read through the
+    tribunal's trace.
+
     Raises:
         NoSuchJobError: no such job, or another key's (never tell which).
     """
     job = session.get(Job, job_id) if isinstance(job_id, str) else None
-    if job is None or job.owner_id != owner_id:
+    if job is None or job.owner_id != owner_id or job.parent_id is not None:
         raise NoSuchJobError(f"no job {job_id!r}")
     return job
 
@@ -207,12 +232,12 @@ def list_jobs(session, owner_id, status=None, limit=20, cursor=None):
     """A page of the owner's single jobs and tribunals, newest first.
 
     Batch rows are left out (a batch can hold a million); read them through
-    their batch.
+    their batch. A tribunal's steps are left out too.
 
     Returns:
         ``(jobs, next_cursor)``; ``next_cursor`` is None on the last page.
     """
-    query = select(Job).where(Job.owner_id == owner_id, Job.batch_id.is_(None))
+    query = select(Job).where(Job.owner_id == owner_id, Job.batch_id.is_(None), Job.parent_id.is_(None))
     if status is not None:
         try:
             query = query.where(Job.status == JobState(status).value)
@@ -242,6 +267,9 @@ def newest_first(session, query, id_column, limit, cursor, prefix):
 def cancel_job(session, owner_id, job_id):
     """Cancel a queued or running job; its worker discards any result.
 
+    A tribunal's unfinished steps are cancelled with it, so their workers
+    stop, and nothing schedules the steps that would have followed.
+
     Raises:
         NoSuchJobError: as :func:`get_job`.
         JobFinishedError: the job already ended.
@@ -249,10 +277,18 @@ def cancel_job(session, owner_id, job_id):
     job = get_job(session, owner_id, job_id)
     for source in (JobState.QUEUED, JobState.RUNNING):
         if transition(session, job_id, source, JobState.CANCELLED, lease_owner=None):
+            cancel_steps(session, job_id)
             session.refresh(job)
             return job
     session.refresh(job)
     raise JobFinishedError(f"job {job_id!r} already ended as {job.status!r}; nothing to cancel")
+
+
+def cancel_steps(session, parent_id):
+    """Cancel every unfinished step of the tribunal ``parent_id``."""
+    for source in (JobState.QUEUED, JobState.RUNNING):
+        session.execute(transition_statement(source, JobState.CANCELLED, [Job.parent_id == parent_id],
+                                             {"lease_owner": None}))
 
 
 def job_to_dict(job):
@@ -278,5 +314,6 @@ def job_to_dict(job):
         "metadata": job.meta,
         "batch_id": job.batch_id,
         "custom_id": job.custom_id,
+        "tribunal": job.tribunal,
     }
     return JobOut.model_validate(body).model_dump(mode="json")

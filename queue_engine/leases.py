@@ -23,7 +23,6 @@ def lease_values(worker, lease_seconds):
     return {"lease_owner": worker, "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
 
 
-
 def worker_identity():
     """A name for this worker process that is unique across the cluster."""
     return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -31,10 +30,12 @@ def worker_identity():
 
 class Claim(NamedTuple):
     """What :func:`claim_job` decided: run ``job`` (a row of the jobs table),
-    wait ``retry_in`` seconds, or neither."""
+    wait ``retry_in`` seconds, or neither. ``gave_up`` says the job was failed
+    just now, its attempts used up by workers that died."""
 
     job: object = None
     retry_in: float = 0.0
+    gave_up: bool = False
 
 
 def claim_job(session, job_id, worker, lease_seconds, max_attempts):
@@ -60,12 +61,12 @@ def claim_job(session, job_id, worker, lease_seconds, max_attempts):
         return Claim(retry_in=(job.lease_expires_at - now).total_seconds() + 0.5)
     abandoned = Job.lease_expires_at < now
     if job.attempts >= max_attempts:
-        transition(
+        gave_up = transition(
             session, job_id, JobState.RUNNING, JobState.FAILED, where=[abandoned],
             error_code="worker_lost",
             error_message=f"the worker running this job was lost {job.attempts} times; giving up",
         )
-        return Claim()
+        return Claim(gave_up=gave_up)
     taken_over = transition(session, job_id, JobState.RUNNING, JobState.RUNNING, where=[abandoned], returning=True,
                             attempts=Job.attempts + 1, **lease)
     return Claim(job=taken_over)

@@ -1,4 +1,4 @@
-"""The SQLAlchemy models: API keys, batches and jobs.
+"""The SQLAlchemy models: API keys, batches and jobs (tribunal steps are jobs too).
 
 The schema changes only through Alembic migrations in ``migrations/``.
 """
@@ -93,6 +93,7 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_batch_row", "batch_id", "row_index", unique=True),
         Index("ix_jobs_batch_chunk", "batch_id", "chunk"),
+        Index("ix_jobs_parent_id", "parent_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -118,9 +119,15 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE", name="fk_jobs_batch_id_batches"))
-    row_index: Mapped[int | None] = mapped_column(Integer, doc="0-based position in the uploaded file")
+    row_index: Mapped[int | None] = mapped_column(
+        Integer, doc="0-based position in the uploaded file, or a tribunal candidate's number")
     custom_id: Mapped[str | None] = mapped_column(String(255), doc="the row's id from the file")
     chunk: Mapped[int | None] = mapped_column(Integer, doc="the bulk-lane message that carries the row")
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE", name="fk_jobs_parent_id_jobs"),
+        doc="the tribunal this step belongs to (kind tribunal_step)")
+    step: Mapped[str | None] = mapped_column(String(20), doc="candidate, critique, revision or single_pass")
+    tribunal: Mapped[dict | None] = mapped_column(JSON, doc="a tribunal's request and trace (kind tribunal)")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

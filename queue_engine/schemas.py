@@ -58,6 +58,13 @@ def _check_http_url(url):
     return url
 
 
+def _check_metadata(metadata):
+    for key, value in (metadata or {}).items():
+        if len(key) > 64 or len(value) > 512:
+            raise ValueError("keys are at most 64 characters and values at most 512")
+    return metadata
+
+
 class JobCreate(_Strict):
     """The body of ``POST /api/v1/jobs``."""
 
@@ -73,13 +80,51 @@ class JobCreate(_Strict):
 
     _http_only = field_validator("webhook_url")(_check_http_url)
 
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, metadata):
-        for key, value in (metadata or {}).items():
-            if len(key) > 64 or len(value) > 512:
-                raise ValueError("keys are at most 64 characters and values at most 512")
-        return metadata
+    _bounded_metadata = field_validator("metadata")(_check_metadata)
+
+
+BypassMode = Literal["auto", "never", "always"]
+
+
+class TribunalCreate(_Strict):
+    """The body of ``POST /api/v1/tribunals``."""
+
+    prompt: str | None = Field(None, description="plain text prompt; or give messages")
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256, description="chat messages")
+    candidates: list[str] = Field(
+        min_length=1, description="a model profile per candidate answer; a model may appear more than once")
+    judge: str = Field(min_length=1, max_length=200, description="the model that critiques the candidates")
+    reviser: str | None = Field(None, min_length=1, max_length=200, description="writes the final answer; default the judge")
+    bypass: BypassMode = Field("auto", description="auto: a single pass when the queues are backed up")
+    params: Params = Field(default_factory=Params, description="sampling parameters of every step")
+    webhook_url: str | None = Field(None, max_length=2048, description="called when the tribunal ends")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
+
+    _one_input = model_validator(mode="after")(_check_prompt_or_messages)
+
+    _http_only = field_validator("webhook_url")(_check_http_url)
+
+    _bounded_metadata = field_validator("metadata")(_check_metadata)
+
+
+class CandidateTrace(BaseModel):
+    model: str
+    seed: int
+    text: str | None = Field(description="null until this candidate has answered")
+
+
+class TribunalTrace(BaseModel):
+    """What a tribunal did, step by step (the ``tribunal`` field of its job)."""
+
+    bypass: BypassMode
+    bypassed: bool
+    reason: str | None = Field(description="why it ran as a single pass, in words")
+    readings: dict | None = Field(description="the queue readings the bypass decision was made on")
+    candidates: list[CandidateTrace]
+    judge: str
+    reviser: str
+    critique: str | None
+    final: str | None
 
 
 class JobResult(BaseModel):
@@ -115,6 +160,7 @@ class JobOut(BaseModel):
     metadata: dict[str, str] | None
     batch_id: str | None = Field(None, description="the batch this row belongs to (kind batch_item)")
     custom_id: str | None = Field(None, description="the row's id in its batch file")
+    tribunal: TribunalTrace | None = Field(None, description="the steps of a tribunal (kind tribunal)")
 
 
 class JobList(BaseModel):

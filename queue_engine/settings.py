@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import prompts
 from .errors import SettingsError
 
 ENV_PREFIX = "QUEUE_ENGINE_"
@@ -59,7 +60,19 @@ class ModelProfile(_Frozen):
 
 
 class TribunalSettings(_Frozen):
-    bypass_backlog: int = Field(500, ge=0, description="auto-bypass above this backlog")
+    """When a tribunal runs as a single pass, and the prompts of its steps."""
+
+    bypass_backlog: int = Field(
+        500, ge=0, description="with bypass auto, run a single pass when the backlog (requests) is above this")
+    max_candidates: int = Field(8, ge=1, le=32, description="most candidate answers one tribunal may ask for")
+    answer_template: str = Field(prompts.ANSWER_TEMPLATE, description="how each candidate answer is shown")
+    critique_template: str = Field(prompts.CRITIQUE_TEMPLATE, description="the judge's prompt")
+    revision_template: str = Field(prompts.REVISION_TEMPLATE, description="the reviser's prompt")
+
+    @field_validator("answer_template", "critique_template", "revision_template")
+    @classmethod
+    def _usable_template(cls, template, info):
+        return prompts.check_template(info.field_name, template)
 
 
 class BatchSettings(_Frozen):

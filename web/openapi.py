@@ -10,6 +10,7 @@ bp = Blueprint("openapi", __name__)
 
 COMPONENTS = [
     (schemas.JobCreate, "validation"),
+    (schemas.TribunalCreate, "validation"),
     (schemas.JobOut, "serialization"),
     (schemas.JobList, "serialization"),
     (schemas.BatchCreate, "validation"),
@@ -89,6 +90,14 @@ def build_openapi():
                     "responses": {"200": _json("JobOut", "the job, cancelled"), **_errors(401, 404, 409)},
                 },
             },
+            "/api/v1/tribunals": {
+                "post": {
+                    "summary": "Submit a tribunal: candidates, a judge's critique, a revised final answer",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TribunalCreate")}}},
+                    "responses": {"202": _json("JobOut", "the tribunal job, queued"), **_errors(400, 401, 409, 413, 503)},
+                },
+            },
             "/api/v1/batches": {
                 "post": {
                     "summary": "Upload a CSV or JSONL file of prompts as a batch",
@@ -127,6 +136,14 @@ def build_openapi():
                     "summary": "Cancel a batch: queued rows at once, running rows finish",
                     "parameters": [BATCH_ID],
                     "responses": {"200": _json("BatchOut", "the batch, cancelling or cancelled"), **_errors(401, 404, 409)},
+                },
+            },
+            "/metrics": {
+                "get": {
+                    "security": [],
+                    "summary": "Prometheus metrics of this process",
+                    "responses": {"200": {"description": "the Prometheus text format",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
                 },
             },
             "/healthz": {"get": {"security": [], "responses": {"200": _json("Health", "the process answers")}}},

@@ -8,10 +8,11 @@ stored is removed again, so a failed submission leaves nothing behind.
 from flask import current_app, g
 from kombu.exceptions import OperationalError
 
-from queue_engine import batches, jobs, uploads
+from queue_engine import batches, jobs, load, tribunal, uploads
 from queue_engine.errors import BrokerUnavailableError
-from workers.celery_app import send_chunks, send_job
+from workers.publish import send_chunks, send_job
 
+from . import metrics
 from .db import get_session
 
 BROKER_ERRORS = (OperationalError, OSError)
@@ -31,6 +32,46 @@ def submit_job(request_body, idempotency_key=None, kind="single"):
             session.commit()
             raise _broker_unavailable(e) from e
     return job, created
+
+
+def submit_tribunal(request_body, idempotency_key=None):
+    """Create a tribunal and enqueue its first steps; returns ``(job, created)``.
+
+    With ``bypass: auto`` the backlog of its models' queues is read first, and
+    decides whether it runs in full or as a single pass.
+    """
+    session = get_session()
+    settings = current_app.extensions["qe_settings"]
+    tribunal.check_request(settings, request_body)
+    readings = None
+    if request_body.bypass == "auto":
+        readings = read_backlog(session, tribunal.models_of(request_body))
+    decision = tribunal.decide(request_body.bypass, readings, settings.tribunal.bypass_backlog)
+    job, steps, created = tribunal.create_tribunal(
+        session, g.api_key.id, request_body, settings, decision, idempotency_key)
+    session.commit()
+    if created:
+        try:
+            for step in steps:
+                send_job(current_app.extensions["celery"], step)
+        except BROKER_ERRORS as e:
+            jobs.delete_unsent_job(session, job.id)
+            session.commit()
+            raise _broker_unavailable(e) from e
+        metrics.count_tribunal(job)
+    return job, created
+
+
+def read_backlog(session, models):
+    """The backlog of ``models``' queues (``queue_engine.load``), or a 503."""
+    celery = current_app.extensions["celery"]
+    try:
+        with celery.pool.acquire(block=True) as connection:
+            connection.ensure_connection(max_retries=1)
+            return load.read_backlog(session, connection.default_channel, models,
+                                     current_app.extensions["qe_settings"].batches.chunk_rows)
+    except BROKER_ERRORS as e:
+        raise _broker_unavailable(e) from e
 
 
 def submit_batch(request_body, file):

@@ -111,12 +111,13 @@ class EngineLoop:
         if self._futures.pop(request_id, None) is not None:
             self._engine.abort(request_id)
             metrics.REQUESTS.labels("aborted").inc()
-            return
-        for item in self._bulk_waiting:
-            if item[0].request_id == request_id:
-                self._bulk_waiting.remove(item)
-                metrics.REQUESTS.labels("aborted").inc()
-                return
+        else:
+            for item in self._bulk_waiting:
+                if item[0].request_id == request_id:
+                    self._bulk_waiting.remove(item)
+                    metrics.REQUESTS.labels("aborted").inc()
+                    break
+        self._report()
 
     def _seat_bulk_rows(self):
         while self._bulk_waiting and len(self._futures) < self._bulk_seats:
@@ -134,8 +135,6 @@ class EngineLoop:
     def _step(self):
         batch = min(len(self._futures), self._engine.max_num_seqs)
         metrics.BATCH_SIZE.observe(batch)
-        metrics.IN_FLIGHT.set(len(self._futures))
-        metrics.BULK_WAITING.set(len(self._bulk_waiting))
         try:
             finished = self._engine.step()
         except Exception as e:
@@ -146,9 +145,15 @@ class EngineLoop:
                 future.set_exception(e)
             metrics.REQUESTS.labels("error").inc(len(self._futures))
             self._futures.clear()
-            return
-        for request_id, result in finished:
-            future = self._futures.pop(request_id, None)
-            if future is not None:
-                metrics.REQUESTS.labels("finished").inc()
-                future.set_result(result)
+        else:
+            for request_id, result in finished:
+                future = self._futures.pop(request_id, None)
+                if future is not None:
+                    metrics.REQUESTS.labels("finished").inc()
+                    future.set_result(result)
+        self._report()
+
+    def _report(self):
+        """Set the gauges; after every step, so they read zero once the loop is idle."""
+        metrics.IN_FLIGHT.set(len(self._futures))
+        metrics.BULK_WAITING.set(len(self._bulk_waiting))

@@ -25,7 +25,7 @@ from queue_engine import batches, leases
 from queue_engine.db import transaction
 from queue_engine.errors import EngineRejectedError
 
-from .celery_app import bulk_queue
+from .publish import bulk_queue
 from .engine import GenerationRequest
 
 log = logging.getLogger(__name__)

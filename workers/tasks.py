@@ -1,15 +1,20 @@
 """The Celery tasks. A task claims its job, hands the request to the engine
 loop, keeps the job's lease alive while it waits, and stores the outcome.
+
+A tribunal's steps are jobs too: the transaction that ends a step also
+schedules the steps after it (``queue_engine.tribunal``), and the task sends
+them once that transaction has committed.
 """
 
 import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from queue_engine import keys, leases
+from queue_engine import keys, leases, tribunal
 from queue_engine.db import transaction
 from queue_engine.errors import EngineRejectedError
 
 from .engine import GenerationRequest
+from .publish import send_job
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,11 @@ def run_job(task, job_id):
     settings = runtime.settings
     with transaction(runtime.sessions) as session:
         claim = leases.claim_job(session, job_id, runtime.worker_id, settings.lease_seconds, settings.max_attempts)
+        if claim.job is not None and claim.job.parent_id is not None:
+            tribunal.step_started(session, claim.job.parent_id)
+        if claim.gave_up:
+            # Its workers kept dying. If it was a tribunal's step, the tribunal fails.
+            tribunal.step_ended(session, job_id, settings.tribunal)
     if claim.retry_in:
         # Another worker holds a live lease; look again when it would expire.
         raise task.retry(countdown=claim.retry_in)
@@ -44,7 +54,7 @@ def run_job(task, job_id):
         runtime.loop.abort(request.request_id)
         return
     except EngineRejectedError as e:
-        record_failure(runtime, job.id, "engine_rejected", str(e))
+        record_failure(task.app, job, "engine_rejected", str(e))
         return
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
@@ -55,13 +65,12 @@ def run_job(task, job_id):
             if requeued:
                 raise task.retry(countdown=settings.retry_delay) from e
             return
-        record_failure(runtime, job.id, "engine_error", f"failed after {job.attempts} attempts: {message}")
+        record_failure(task.app, job, "engine_error", f"failed after {job.attempts} attempts: {message}")
         return
-    with transaction(runtime.sessions) as session:
-        leases.complete_job(
-            session, job.id, runtime.worker_id, generation.text, generation.finish_reason,
-            generation.prompt_tokens, generation.completion_tokens,
-        )
+    end_job(task.app, job, lambda session: leases.complete_job(
+        session, job.id, runtime.worker_id, generation.text, generation.finish_reason,
+        generation.prompt_tokens, generation.completion_tokens,
+    ))
 
 
 def wait_for_generation(runtime, job_id, future):
@@ -80,6 +89,19 @@ def wait_for_generation(runtime, job_id, future):
                     raise JobLostError(job_id) from None
 
 
-def record_failure(runtime, job_id, code, message):
+def record_failure(app, job, code, message):
+    worker = app.qe_runtime.worker_id
+    end_job(app, job, lambda session: leases.fail_job(session, job.id, worker, code, message))
+
+
+def end_job(app, job, store_outcome):
+    """Store ``job``'s outcome with ``store_outcome(session)``, which returns
+    whether it ended the job. If the job is a tribunal's step, schedule the
+    steps after it in the same transaction, then send them."""
+    runtime = app.qe_runtime
     with transaction(runtime.sessions) as session:
-        leases.fail_job(session, job_id, runtime.worker_id, code, message)
+        next_steps = []
+        if store_outcome(session) and job.parent_id is not None:
+            next_steps = tribunal.step_ended(session, job.id, runtime.settings.tribunal)
+    for step in next_steps:
+        send_job(app, step)

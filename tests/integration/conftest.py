@@ -38,12 +38,15 @@ def redis_server(tmp_path_factory):
 class Cluster:
     """Cluster mode on one machine: web in this process, workers as subprocesses."""
 
-    def __init__(self, directory, tiny_model_dir, redis_url, database_url, **settings):
+    def __init__(self, directory, tiny_model_dir, redis_url, database_url, config_toml="", **settings):
+        """``config_toml`` adds to the configuration file: more model profiles
+        (``{tiny}`` in it stands for the tiny model's directory), tables."""
         self.directory = directory
         config = directory / "queue-engine.toml"
         config.write_text(
             f'[models.tiny]\npath = "{tiny_model_dir}"\n'
             "engine_args = { max_model_len = 512, seed = 0 }\nmax_in_flight = 128\n"
+            + config_toml.replace("{tiny}", str(tiny_model_dir))
         )
         self.env = {
             "QUEUE_ENGINE_CONFIG": str(config),
@@ -69,12 +72,12 @@ class Cluster:
         key, _ = make_key(self.sessions, f"k-{secrets.token_hex(4)}")
         return Client(self.url, key.key)
 
-    def start_worker(self, wait=True):
-        """Start `queue-engine worker --model tiny`; by default wait until it has run a job."""
+    def start_worker(self, wait=True, model="tiny"):
+        """Start `queue-engine worker --model MODEL`; by default wait until it has run a job."""
         port = free_port()
         log_path = self.directory / f"worker-{len(self.workers)}.log"
-        process = spawn(["worker", "--model", "tiny", "--metrics-port", str(port)], self.env, log_path)
-        worker = Worker(process, port, log_path)
+        process = spawn(["worker", "--model", model, "--metrics-port", str(port)], self.env, log_path)
+        worker = Worker(process, port, log_path, model)
         self.workers.append(worker)
         if wait:
             self.wait_for_worker(worker)
@@ -82,7 +85,7 @@ class Cluster:
 
     def wait_for_worker(self, worker):
         client = self.new_client()
-        job = client.submit_job({"model": "tiny", "prompt": "warm up", "params": {"max_tokens": 2}})
+        job = client.submit_job({"model": worker.model, "prompt": "warm up", "params": {"max_tokens": 2}})
 
         def done():
             assert worker.process.poll() is None, f"worker exited; see {worker.log_path}:\n{worker.log_tail()}"
@@ -98,8 +101,8 @@ class Cluster:
 
 
 class Worker:
-    def __init__(self, process, metrics_port, log_path):
-        self.process, self.metrics_port, self.log_path = process, metrics_port, log_path
+    def __init__(self, process, metrics_port, log_path, model):
+        self.process, self.metrics_port, self.log_path, self.model = process, metrics_port, log_path, model
 
     def metrics(self):
         """The worker's Prometheus samples as ``{name{labels}: value}``."""

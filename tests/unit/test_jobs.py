@@ -133,7 +133,7 @@ def test_job_lost_too_often_fails(sessions, settings, owner):
     for worker in ("a", "b", "c"):
         assert claim(sessions, job.id, worker).job is not None
         expire_lease(sessions, job.id)
-    assert claim(sessions, job.id, "d") == leases.Claim()
+    assert claim(sessions, job.id, "d") == leases.Claim(gave_up=True)
     stored = reload(sessions, job.id)
     assert stored.status == "failed" and stored.error_code == "worker_lost" and stored.attempts == 3
 

@@ -14,7 +14,8 @@ from queue_engine.settings import load_settings
 from tests.conftest import make_key
 from tests.helpers import wait_until
 from workers.batcher import EngineLoop
-from workers.celery_app import make_celery, send_job
+from workers.celery_app import make_celery
+from workers.publish import send_job
 from workers.engine import Generation
 from workers.runtime import WorkerRuntime, worker_options
 
