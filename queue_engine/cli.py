@@ -165,17 +165,31 @@ def api_client(url, key):
 @click.option("--prompt-column", default=None, help="FILE's prompt column (default 'prompt').")
 @click.option("--id-column", default=None, help="FILE's id column (default 'id'; without one rows are numbered).")
 @click.option("--delimiter", default=None, help="FILE's CSV delimiter (default: sniffed).")
+@click.option("--judge", default=None, help="Run --prompt as a tribunal that this model judges.")
+@click.option("--candidates", default=None,
+              help="The tribunal's candidate models, comma-separated (default: --model, twice).")
+@click.option("--reviser", default=None, help="The tribunal's reviser (default: the judge).")
+@click.option("--bypass", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="When the tribunal runs as a single pass.")
 @click.option("--wait", is_flag=True, help="Wait until done: print the job's text, or show the batch's progress.")
 @server_options
-def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter, wait, url, key):
-    """Submit FILE (CSV or JSONL) as a batch, or --prompt TEXT as a job; print its id."""
+def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter, judge, candidates, reviser,
+           bypass, wait, url, key):
+    """Submit FILE (CSV or JSONL) as a batch, or --prompt TEXT as a job (a
+    tribunal with --judge); print its id."""
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE to run as a batch, or --prompt TEXT, not both")
+    if judge is None and (candidates or reviser):
+        raise click.UsageError("--candidates and --reviser need --judge (they describe a tribunal)")
     client = api_client(url, key)
     params = {"max_tokens": max_tokens} if max_tokens else {}
     try:
-        if prompt is not None:
-            submit_prompt(client, model, prompt, params, wait)
+        if prompt is not None and judge is not None:
+            body = {"prompt": prompt, "params": params, "judge": judge, "reviser": reviser, "bypass": bypass,
+                    "candidates": candidates.split(",") if candidates else [model, model]}
+            run_prompt(client, client.submit_tribunal({k: v for k, v in body.items() if v is not None}), wait)
+        elif prompt is not None:
+            run_prompt(client, client.submit_job({"model": model, "prompt": prompt, "params": params}), wait)
         else:
             submit_file(client, file, model, params, wait,
                         prompt_column=prompt_column, id_column=id_column, delimiter=delimiter)
@@ -183,8 +197,8 @@ def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter,
         raise click.ClickException(str(e)) from e
 
 
-def submit_prompt(client, model, prompt, params, wait):
-    job = client.submit_job({"model": model, "prompt": prompt, "params": params})
+def run_prompt(client, job, wait):
+    """Print the submitted job's id, or with ``wait`` its text once it is done."""
     if not wait:
         click.echo(job["id"])
         return

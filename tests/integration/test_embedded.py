@@ -89,3 +89,28 @@ def test_demo_command_runs_sample_prompts(tmp_path, tiny_model_dir):
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert demo.stdout.count("[succeeded]") == 3
     assert "3 jobs, " in demo.stdout
+
+
+def test_a_tribunal_runs_in_embedded_mode(embedded):
+    """auto reads the in-process broker's queues; the in-process worker runs every step."""
+    client = Client(embedded["url"], embedded["key"])
+    job = client.submit_tribunal({"prompt": "What is a set?", "candidates": ["tiny", "tiny"], "judge": "tiny",
+                                  "params": {"max_tokens": 6}})
+    done = client.wait_for_job(job["id"], timeout=120)
+    assert done["status"] == "succeeded"
+    trace = done["tribunal"]
+    assert trace["bypassed"] is False and trace["readings"]["backlog"] == 0
+    assert trace["critique"] and trace["final"] == done["result"]["text"]
+
+
+def test_cli_submits_a_tribunal(embedded):
+    env = {**embedded["env"], "QUEUE_ENGINE_URL": embedded["url"], "QUEUE_ENGINE_API_KEY": embedded["key"]}
+    cli = queue_engine_command()
+    waited = subprocess.run([cli, "submit", "--prompt", "What is a set?", "--judge", "tiny", "--candidates",
+                             "tiny,tiny", "--bypass", "never", "--max-tokens", "4", "--wait"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
+    submitted = subprocess.run([cli, "submit", "--prompt", "What is a set?", "--judge", "tiny", "--max-tokens", "4"],
+                               env=env, capture_output=True, text=True, timeout=60)
+    job = Client(embedded["url"], embedded["key"]).wait_for_job(submitted.stdout.strip(), 120)
+    assert job["kind"] == "tribunal" and [c["model"] for c in job["tribunal"]["candidates"]] == ["tiny", "tiny"]
