@@ -29,3 +29,4 @@ test: setup system-deps
 bench: setup system-deps
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/batches.py
+	$(BIN)/python bench/tribunal.py

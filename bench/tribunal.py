@@ -14,7 +14,7 @@ finished. A few rounds on the idle worker come first, for reference.
 
 Prints the figures as one JSON object on its last line.
 
-    python bench/tribunal.py [--database-url postgresql+psycopg://...] [--window 60]
+    python bench/tribunal.py [--database-url postgresql+psycopg://...] [--window 180]
 """
 
 import argparse
@@ -58,12 +58,13 @@ def seconds(job):
     return (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["created_at"])).total_seconds()
 
 
-def run_rounds(service, rounds, max_tokens, first_number, until=None):
-    """Rounds of one request of each kind at once; returns ``{kind: [finished jobs]}``."""
+def run_rounds(service, max_tokens, first_number, rounds=None, until=None):
+    """Rounds of one request of each kind at once, ``rounds`` of them or
+    until ``until`` (a ``time.monotonic()``); returns ``{kind: [finished jobs]}``."""
     done = {kind: [] for kind in KINDS}
     number = first_number
     with ThreadPoolExecutor(len(KINDS)) as pool:
-        while len(done["single"]) < rounds or (until is not None and time.monotonic() < until):
+        while (len(done["single"]) < rounds) if rounds is not None else (time.monotonic() < until):
             futures = {kind: pool.submit(submit, service.client, kind, service.model, number, max_tokens)
                        for kind in KINDS}
             for kind, future in futures.items():
@@ -95,8 +96,7 @@ def bulk_rate(service, rows, max_tokens, tmp):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--window", type=float, default=60, help="seconds of rounds under overload (at least)")
-    parser.add_argument("--rounds", type=int, default=20, help="rounds under overload (at least)")
+    parser.add_argument("--window", type=float, default=180, help="seconds of rounds under overload")
     parser.add_argument("--idle-rounds", type=int, default=5)
     parser.add_argument("--overload", type=float, default=4.0, help="backlog / rows finished in the window")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per step and per request")
@@ -125,7 +125,7 @@ def main():
         service = Service(env, settings, args.model, tmp / "worker.log")
         try:
             print(f"{args.idle_rounds} rounds on the idle worker ...", flush=True)
-            figures.update(summarise(run_rounds(service, args.idle_rounds, args.max_tokens, 0), "idle"))
+            figures.update(summarise(run_rounds(service, args.max_tokens, 0, rounds=args.idle_rounds), "idle"))
 
             print("measuring the worker's bulk rate ...", flush=True)
             rate = bulk_rate(service, 2048, args.backlog_max_tokens, tmp)
@@ -139,10 +139,10 @@ def main():
                                                 params={"max_tokens": args.backlog_max_tokens, "temperature": 0})
             wait_until(lambda: service.client.get_batch(batch["id"])["request_counts"]["completed"] > 0, 600,
                        "the backlog to be running")
-            print(f"rounds for at least {args.window:.0f} s behind a {backlog_rows}-row backlog ...", flush=True)
+            print(f"rounds for {args.window:.0f} s behind a {backlog_rows}-row backlog ...", flush=True)
             started = time.monotonic()
             completed_before = service.client.get_batch(batch["id"])["request_counts"]["completed"]
-            busy = run_rounds(service, args.rounds, args.max_tokens, 1000, until=started + args.window)
+            busy = run_rounds(service, args.max_tokens, 1000, until=started + args.window)
             window = time.monotonic() - started
             completed = service.client.get_batch(batch["id"])["request_counts"]["completed"] - completed_before
             left = service.client.cancel_batch(batch["id"])["request_counts"]

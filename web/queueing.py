@@ -42,7 +42,7 @@ def submit_tribunal(request_body, idempotency_key=None):
     """
     session = get_session()
     settings = current_app.extensions["qe_settings"]
-    tribunal.check_request(settings, request_body)
+    tribunal.check_request(settings, request_body)  # before reading the broker for it
     readings = None
     if request_body.bypass == "auto":
         readings = read_backlog(session, tribunal.models_of(request_body))
