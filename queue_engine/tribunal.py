@@ -22,7 +22,7 @@ import copy
 import secrets
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from . import prompts
 from .errors import InvalidRequestError
@@ -128,6 +128,16 @@ def create_tribunal(session, owner_id, request, settings, decision, idempotency_
     session.add_all(steps)
     session.flush()
     return job, steps, True
+
+
+def delete_unsent_tribunal(session, tribunal_id):
+    """Remove a tribunal whose first steps the broker refused, steps and all.
+
+    Unlike a single job it may already be running: a step sent before the
+    broker failed may have been claimed. Its worker then finds the step gone
+    (its lease cannot be renewed) and drops it.
+    """
+    session.execute(delete(Job).where(Job.id == tribunal_id).execution_options(synchronize_session=False))
 
 
 def _step(tribunal, step, model, prompt, messages, seed, index=None):

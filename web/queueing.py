@@ -55,7 +55,7 @@ def submit_tribunal(request_body, idempotency_key=None):
             for step in steps:
                 send_job(current_app.extensions["celery"], step)
         except BROKER_ERRORS as e:
-            jobs.delete_unsent_job(session, job.id)
+            tribunal.delete_unsent_tribunal(session, job.id)
             session.commit()
             raise _broker_unavailable(e) from e
         metrics.count_tribunal(job)

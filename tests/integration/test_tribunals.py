@@ -4,6 +4,7 @@ tiny model (``tiny`` and ``tiny-b``, another seed and a shorter context)."""
 import io
 
 import pytest
+import redis
 from sqlalchemy import select
 
 from queue_engine.models import Job
@@ -123,7 +124,10 @@ def test_auto_bypasses_behind_a_large_batch_and_not_on_quiet_queues(two_models):
 
     client.cancel_batch(batch["id"])
     client.wait_for_batch(batch["id"], timeout=120)
-    wait_until(lambda: in_flight(two_models) == 0, 60, "the workers to finish the batch's last rows")
+    broker = redis.Redis.from_url(two_models.settings.broker_url)
+    wait_until(lambda: broker.llen("qe.tiny-b.bulk") == 0 and in_flight(two_models) == 0, 60,
+               "the worker to drop the cancelled batch's chunks and finish its last rows")
+    broker.close()
     quiet = client.wait_for_job(client.submit_tribunal(body)["id"], timeout=120)
     assert quiet["status"] == "succeeded"
     assert quiet["tribunal"]["bypassed"] is False and quiet["tribunal"]["reason"] is None
