@@ -35,10 +35,10 @@ import redis as redis_py  # noqa: E402
 import requests  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from bench.throughput import CACHE, PYTHON, make_prompts, offline_generate  # noqa: E402
+from bench.throughput import CACHE, PYTHON, cluster_env, make_prompts, offline_generate  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
-from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
+from queue_engine.db import make_sessions, transaction  # noqa: E402
 from queue_engine.jobs import create_job  # noqa: E402
 from queue_engine.models import ApiKey, Job  # noqa: E402
 from queue_engine.schemas import JobCreate  # noqa: E402
@@ -236,17 +236,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         redis = RedisServer(tmp)
-        config = tmp / "queue-engine.toml"
-        config.write_text(
-            f'[models.{args.model}]\npath = "{model_dir}"\n'
-            f"engine_args = {{ max_model_len = 512, seed = 0 }}\nmax_in_flight = {args.max_in_flight}\n"
-            + (f'[models.tiny]\npath = "{tiny_dir}"\n' if args.model != "tiny" else ""))
-        database_url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
-        upgrade_database(database_url)
-        env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_BROKER_URL": redis.url,
-               "QUEUE_ENGINE_DATABASE_URL": database_url, "QUEUE_ENGINE_DATA_DIR": str(tmp / "data")}
+        env = cluster_env(tmp, redis.url, args.model, model_dir, args.max_in_flight, args.database_url,
+                          extra_toml=f'[models.tiny]\npath = "{tiny_dir}"\n' if args.model != "tiny" else "")
         settings = load_settings(environ=env)
-        figures["database"] = database_url.split(":")[0]
+        figures["database"] = settings.sqlalchemy_url.split(":")[0]
         try:
             print(f"(a) ingest of {args.rows} rows, then {args.naive_rows} through the naive loop ...", flush=True)
             figures.update(ingest(env, settings, args.rows, args.naive_rows, tmp))

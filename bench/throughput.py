@@ -96,6 +96,20 @@ def count_finished(sessions, ids):
             Job.id.in_(ids), Job.status.in_(["succeeded", "failed", "cancelled"])))
 
 
+def cluster_env(tmp, redis_url, model, model_dir, max_in_flight, database_url=None, extra_toml=""):
+    """A benchmark's cluster-mode environment: a config file with ``model``'s
+    profile, a migrated database (a SQLite file in ``tmp`` by default), and the
+    ``QUEUE_ENGINE_*`` variables that point at them and at Redis."""
+    config = tmp / "queue-engine.toml"
+    config.write_text(f'[models.{model}]\npath = "{model_dir}"\n'
+                      f"engine_args = {{ max_model_len = 512, seed = 0 }}\nmax_in_flight = {max_in_flight}\n"
+                      + extra_toml)
+    database_url = database_url or f"sqlite:///{tmp / 'bench.db'}"
+    upgrade_database(database_url)
+    return {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_BROKER_URL": redis_url,
+            "QUEUE_ENGINE_DATABASE_URL": database_url, "QUEUE_ENGINE_DATA_DIR": str(tmp / "data")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=512)
@@ -115,13 +129,7 @@ def main():
         prompts_file = tmp / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         redis = RedisServer(tmp)
-        config = tmp / "queue-engine.toml"
-        config.write_text(f'[models.{args.model}]\npath = "{model_dir}"\n'
-                          f"engine_args = {{ max_model_len = 512, seed = 0 }}\nmax_in_flight = {args.max_in_flight}\n")
-        database_url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
-        upgrade_database(database_url)
-        env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_BROKER_URL": redis.url,
-               "QUEUE_ENGINE_DATABASE_URL": database_url, "QUEUE_ENGINE_DATA_DIR": str(tmp / "data")}
+        env = cluster_env(tmp, redis.url, args.model, model_dir, args.max_in_flight, args.database_url)
         settings = load_settings(environ=env)
         try:
             print(f"(b) offline LLM.generate, {args.prompts} prompts x {args.max_tokens} tokens ...", flush=True)

@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.batches import Service, percentile, write_csv  # noqa: E402
-from bench.throughput import CACHE, make_prompts  # noqa: E402
-from queue_engine.db import upgrade_database  # noqa: E402
+from bench.throughput import CACHE, cluster_env, make_prompts  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, wait_until  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
@@ -111,16 +110,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         redis = RedisServer(tmp)
-        config = tmp / "queue-engine.toml"
-        config.write_text(
-            f'[models.{args.model}]\npath = "{model_dir}"\n'
-            f"engine_args = {{ max_model_len = 512, seed = 0 }}\nmax_in_flight = {args.max_in_flight}\n")
-        database_url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
-        upgrade_database(database_url)
-        env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_BROKER_URL": redis.url,
-               "QUEUE_ENGINE_DATABASE_URL": database_url, "QUEUE_ENGINE_DATA_DIR": str(tmp / "data")}
+        env = cluster_env(tmp, redis.url, args.model, model_dir, args.max_in_flight, args.database_url)
         settings = load_settings(environ=env)
-        figures["database"] = database_url.split(":")[0]
+        figures["database"] = settings.sqlalchemy_url.split(":")[0]
         figures["bypass_backlog"] = settings.tribunal.bypass_backlog
         service = Service(env, settings, args.model, tmp / "worker.log")
         try:

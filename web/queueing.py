@@ -25,12 +25,8 @@ def submit_job(request_body, idempotency_key=None, kind="single"):
     job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind)
     session.commit()
     if created:
-        try:
-            send_job(current_app.extensions["celery"], job)
-        except BROKER_ERRORS as e:
-            jobs.delete_unsent_job(session, job.id)
-            session.commit()
-            raise _broker_unavailable(e) from e
+        celery = current_app.extensions["celery"]
+        send_or_withdraw(session, lambda: send_job(celery, job), lambda: jobs.delete_unsent_job(session, job.id))
     return job, created
 
 
@@ -51,13 +47,13 @@ def submit_tribunal(request_body, idempotency_key=None):
         session, g.api_key.id, request_body, settings, decision, idempotency_key)
     session.commit()
     if created:
-        try:
+        celery = current_app.extensions["celery"]
+
+        def send_steps():
             for step in steps:
-                send_job(current_app.extensions["celery"], step)
-        except BROKER_ERRORS as e:
-            tribunal.delete_unsent_tribunal(session, job.id)
-            session.commit()
-            raise _broker_unavailable(e) from e
+                send_job(celery, step)
+
+        send_or_withdraw(session, send_steps, lambda: tribunal.delete_unsent_tribunal(session, job.id))
         metrics.count_tribunal(job)
     return job, created
 
@@ -91,13 +87,20 @@ def submit_batch(request_body, file):
     batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
                                  file_format=file_format, filename=file.filename)
     session.commit()
+    celery = current_app.extensions["celery"]
+    send_or_withdraw(session, lambda: send_chunks(celery, batch), lambda: batches.delete_batch(session, batch.id))
+    return batch
+
+
+def send_or_withdraw(session, send, withdraw):
+    """Run ``send``; if the broker refuses, run ``withdraw`` (remove what was
+    stored for it), commit, and answer 503."""
     try:
-        send_chunks(current_app.extensions["celery"], batch)
+        send()
     except BROKER_ERRORS as e:
-        batches.delete_batch(session, batch.id)
+        withdraw()
         session.commit()
         raise _broker_unavailable(e) from e
-    return batch
 
 
 def _broker_unavailable(error):
