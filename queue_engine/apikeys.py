@@ -4,12 +4,13 @@ import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from .errors import InvalidRequestError
-from .models import ApiKey
+from .models import ApiKey, utcnow
 
 KEY_PREFIX = "qe_"
 
@@ -60,3 +61,25 @@ def find_api_key(session, key):
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+def rotate_webhook_secret(session, name, grace_hours=24.0):
+    """Give the key ``name`` a new webhook secret, and return it.
+
+    For ``grace_hours`` the old secret signs too (``webhook-signature``
+    carries both), so receivers can switch to the new one without missing
+    a delivery.
+
+    Raises:
+        InvalidRequestError: no live key has this name, or the grace is negative.
+    """
+    if grace_hours < 0:
+        raise InvalidRequestError("the grace period is hours, 0 or more")
+    row = session.scalar(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)))
+    if row is None:
+        raise InvalidRequestError(f"no key named {name!r}")
+    row.previous_webhook_secret = row.webhook_secret
+    row.previous_secret_until = utcnow() + timedelta(hours=grace_hours)
+    row.webhook_secret = new_webhook_secret()
+    session.flush()
+    return row.webhook_secret, row.previous_secret_until

@@ -17,11 +17,11 @@ from typing import NamedTuple
 
 from sqlalchemy import case, delete, func, insert, select, update
 
+from . import webhooks
 from .errors import BatchFinishedError, NoSuchBatchError
 from .jobs import JobState, check_model_request, new_id, newest_first, transition_statement
 from .leases import complete_jobs, fail_job, lease_values
-from .models import utcnow
-from .models import Batch, Job
+from .models import Batch, Job, utcnow
 from .schemas import BatchOut
 
 
@@ -277,17 +277,30 @@ def settle(session, batch_id):
 
     One conditional UPDATE, so of many workers finishing rows at once exactly
     one writes it: ``cancelled`` after a cancel, ``failed`` if no row
-    succeeded, else ``completed``.
+    succeeded, else ``completed``; the same transaction records the batch's
+    webhook event.
     """
     end = case(
         (Batch.status == BatchState.CANCELLING.value, BatchState.CANCELLED.value),
         (Batch.completed == 0, BatchState.FAILED.value),
         else_=BatchState.COMPLETED.value,
     )
-    return session.execute(
+    ended = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.status.in_(ACTIVE),
                Batch.completed + Batch.failed + Batch.cancelled >= Batch.total)
         .values(status=end, completed_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount == 1
+    if ended:
+        announce_end(session, batch_id)
+    return ended
+
+
+def announce_end(session, batch_id):
+    """Record the batch's ``batch.completed``, ``batch.failed`` or
+    ``batch.cancelled`` event, if it has a ``webhook_url``."""
+    batch = session.get(Batch, batch_id, populate_existing=True)
+    if batch.webhook_url:
+        webhooks.record_event(session, batch.owner_id, batch.webhook_url, webhooks.BATCH_EVENTS[batch.status],
+                              batch_to_dict(batch), batch_id=batch.id)

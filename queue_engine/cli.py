@@ -28,6 +28,16 @@ def start_embedded_worker(settings, model):
         raise click.ClickException(str(e)) from e
 
 
+def start_webhook_delivery(settings):
+    """Cluster mode: ``serve`` delivers webhooks (a relay and a worker for their queue)."""
+    from workers.celery_app import make_celery
+    from workers.webhooks import start_delivery
+
+    celery_app = make_celery(settings)
+    start_delivery(celery_app, settings, make_sessions(settings.sqlalchemy_url))
+    return celery_app
+
+
 def read_settings():
     try:
         return load_settings()
@@ -48,13 +58,16 @@ def main(log_level):
 @click.option("--worker-model", default="tiny", show_default=True,
               help="Embedded mode only: the model profile the in-process worker serves.")
 def serve(host, port, worker_model):
-    """Serve the HTTP API (embedded mode also runs a worker inside)."""
+    """Serve the HTTP API and deliver webhooks (embedded mode also runs a worker inside)."""
     settings = read_settings()
-    celery_app = start_embedded_worker(settings, worker_model) if settings.is_embedded else None
+    if settings.is_embedded:
+        celery_app = start_embedded_worker(settings, worker_model)
+    else:
+        celery_app = start_webhook_delivery(settings)
     from web import create_app
     from web.server import build_server, embedded_key_path, ensure_embedded_key
 
-    # In embedded mode the app enqueues on the Celery app whose in-process worker runs.
+    # The app enqueues on the Celery app whose in-process worker runs.
     server = build_server(create_app(settings, celery_app), host, port)
     if settings.is_embedded:
         key = ensure_embedded_key(settings)
@@ -125,6 +138,28 @@ def keys_create(name, as_json):
     else:
         click.echo(f"key:            {new_key.key}\nwebhook secret: {new_key.webhook_secret}\n"
                    "Store both now; only a hash of the key is kept.")
+
+
+@keys.command("rotate-secret")
+@click.argument("name")
+@click.option("--grace-hours", type=float, default=24.0, show_default=True,
+              help="Hours during which the old secret signs too.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {name, webhook_secret, previous_valid_until}.")
+def keys_rotate_secret(name, grace_hours, as_json):
+    """Give key NAME a new webhook secret; the old one also signs for the grace period."""
+    from .apikeys import rotate_webhook_secret
+
+    settings = read_settings()
+    upgrade_database(settings.sqlalchemy_url)
+    try:
+        with transaction(make_sessions(settings.sqlalchemy_url)) as session:
+            secret, until = rotate_webhook_secret(session, name, grace_hours)
+    except QueueEngineError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps({"name": name, "webhook_secret": secret, "previous_valid_until": until.isoformat()}))
+    else:
+        click.echo(f"webhook secret: {secret}\nThe previous secret also signs until {until.isoformat()}.")
 
 
 @main.group()

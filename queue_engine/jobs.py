@@ -8,8 +8,6 @@ a job it took (claim, lease, finish) is in ``leases.py``.
 
 import hashlib
 import json
-import secrets
-import time
 from enum import Enum
 
 from sqlalchemy import func, select, update
@@ -22,7 +20,8 @@ from .errors import (
     JobFinishedError,
     NoSuchJobError,
 )
-from .models import Job, utcnow
+from . import webhooks
+from .models import Job, new_id, utcnow
 from .schemas import JobOut
 
 
@@ -46,11 +45,6 @@ ALLOWED = {
 FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 MAX_PAGE = 100
-
-
-def new_id(prefix="job"):
-    """An id that sorts by creation time (milliseconds), then at random."""
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
 def transition(session, job_id, source, target, *, where=(), returning=False, **values):
@@ -289,6 +283,22 @@ def cancel_steps(session, parent_id):
     for source in (JobState.QUEUED, JobState.RUNNING):
         session.execute(transition_statement(source, JobState.CANCELLED, [Job.parent_id == parent_id],
                                              {"lease_owner": None}))
+
+
+def announce_end(session, job_id):
+    """Record the ``job.completed`` or ``job.failed`` event of a single job or
+    tribunal that just ended, if it has a ``webhook_url``.
+
+    Call it in the transaction that ended the job. Batch rows and tribunal
+    steps announce nothing (their batch or tribunal does).
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or not job.webhook_url or job.batch_id is not None or job.parent_id is not None:
+        return None
+    event_type = webhooks.JOB_EVENTS.get(job.status)
+    if event_type is None:
+        return None
+    return webhooks.record_event(session, job.owner_id, job.webhook_url, event_type, job_to_dict(job), job_id=job.id)
 
 
 def job_to_dict(job):

@@ -36,3 +36,4 @@ WEBHOOK_QUEUE = f"{PREFIX}.webhooks"
 
 #: Celery task names, so the web can ``send_task`` without importing workers.
 RUN_JOB_TASK = "queue_engine.run_job"
+DELIVER_WEBHOOK_TASK = "queue_engine.deliver_webhook"

@@ -1,8 +1,11 @@
-"""The SQLAlchemy models: API keys, batches and jobs (tribunal steps are jobs too).
+"""The SQLAlchemy models: API keys, batches, jobs (tribunal steps are jobs too)
+and the webhook events they cause, with every delivery attempt.
 
 The schema changes only through Alembic migrations in ``migrations/``.
 """
 
+import secrets
+import time
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
@@ -34,6 +37,11 @@ def utcnow():
     return datetime.now(timezone.utc)
 
 
+def new_id(prefix="job"):
+    """An id that sorts by creation time (milliseconds), then at random."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -48,6 +56,9 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     key_prefix: Mapped[str] = mapped_column(String(16))
     webhook_secret: Mapped[str] = mapped_column(String(100))
+    previous_webhook_secret: Mapped[str | None] = mapped_column(
+        String(100), doc="the secret before the last rotation; also signs until previous_secret_until")
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -131,3 +142,54 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookEvent(Base):
+    """One event to deliver (``job.completed``, ``batch.failed``...): the outbox.
+
+    Written in the transaction that ends its job or batch, so an event exists
+    if and only if the end was stored. Its ``id`` is the ``webhook-id`` header,
+    the same on every attempt; ``body`` is the exact JSON sent each time.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index("ix_webhook_events_due", "status", "next_attempt_at"),
+        UniqueConstraint("job_id", name="uq_webhook_events_job_id"),
+        UniqueConstraint("batch_id", name="uq_webhook_events_batch_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE", name="fk_webhook_events_job_id_jobs"))
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_webhook_events_batch_id_batches"))
+    type: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), doc="pending, queued, sending, delivered or failed")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    round_start: Mapped[int] = mapped_column(
+        Integer, default=0, doc="attempts made before the last redelivery; the retry schedule counts from here")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="while queued or sending: when the relay may send it again (a lost message, a dead sender)")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver an event, whatever came of it."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("event_id", "attempt", name="uq_webhook_deliveries_event_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE", name="fk_webhook_deliveries_event_id_webhook_events"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

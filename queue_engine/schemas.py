@@ -214,6 +214,40 @@ class BatchList(BaseModel):
     next_cursor: str | None
 
 
+EventType = Literal["job.completed", "job.failed", "batch.completed", "batch.failed", "batch.cancelled"]
+
+
+class WebhookAttempt(BaseModel):
+    """One attempt to deliver a webhook event."""
+
+    webhook_id: str = Field(description="the event's id, sent as the webhook-id header on every attempt")
+    event: EventType
+    attempt: int = Field(description="1 for the first attempt")
+    status_code: int | None = Field(description="the receiver's HTTP status; null when it did not answer")
+    error: str | None = Field(description="what went wrong, in words; null on a 2xx")
+    duration_ms: int
+    at: datetime
+
+
+class WebhookEventOut(BaseModel):
+    """A webhook event and where its delivery stands."""
+
+    webhook_id: str
+    event: EventType
+    url: str
+    status: Literal["pending", "queued", "sending", "delivered", "failed"] = Field(
+        description="pending: waiting for its (next) attempt; delivered: a 2xx came back; failed: given up")
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    ended_at: datetime | None
+
+
+class WebhookAttemptList(BaseModel):
+    data: list[WebhookAttempt] = Field(description="every attempt, in order")
+    events: list[WebhookEventOut] = Field(description="the events the attempts belong to")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import prompts
+from . import prompts, targets
 from .errors import SettingsError
 
 ENV_PREFIX = "QUEUE_ENGINE_"
@@ -106,7 +106,9 @@ class Settings(_Frozen):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file in data_dir")
     broker_url: str | None = Field(None, description="redis://... for cluster mode; unset = embedded")
     webhook_allow: list[str] = Field(default_factory=list, description="CIDRs webhook targets may resolve into")
-    webhook_retry_delays: list[float] = Field(default_factory=lambda: list(STANDARD_WEBHOOK_DELAYS))
+    webhook_retry_delays: list[float] = Field(
+        default_factory=lambda: list(STANDARD_WEBHOOK_DELAYS), max_length=50,
+        description="seconds before each retry of a webhook; after the last, the event fails")
     engine: Literal["vllm"] = Field("vllm", description="the inference engine workers run")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body accepted")
     max_attempts: int = Field(3, ge=1, description="tries per job before it fails")
@@ -126,6 +128,24 @@ class Settings(_Frozen):
     def _keep_tiny(cls, models):
         """The ``tiny`` profile exists unless the configuration overrides it."""
         return {**_default_models(), **models}
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _networks(cls, cidrs):
+        targets.allowed_networks(cidrs)
+        return cidrs
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _delays(cls, delays):
+        if any(delay < 0 for delay in delays):
+            raise ValueError("delays are seconds, 0 or more")
+        return delays
+
+    @property
+    def webhook_networks(self):
+        """``webhook_allow`` as ``ipaddress`` networks."""
+        return targets.allowed_networks(self.webhook_allow)
 
     @property
     def is_embedded(self):

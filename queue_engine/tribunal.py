@@ -26,7 +26,7 @@ from sqlalchemy import delete, select, update
 
 from . import prompts
 from .errors import InvalidRequestError
-from .jobs import JobState, add_once, cancel_steps, check_model, job_from_request, new_id, transition
+from .jobs import JobState, add_once, announce_end, cancel_steps, check_model, job_from_request, new_id, transition
 from .models import Job, utcnow
 
 CANDIDATE, CRITIQUE, REVISION, SINGLE_PASS = "candidate", "critique", "revision", "single_pass"
@@ -217,8 +217,9 @@ def step_ended(session, step_id, templates):
         if step.step == SINGLE_PASS:
             trace["candidates"][0]["text"] = step.result_text
         trace["final"] = step.result_text
-        transition(session, tribunal.id, JobState.RUNNING, JobState.SUCCEEDED, tribunal=trace,
-                   result_text=step.result_text, finish_reason=step.finish_reason, **usage)
+        if transition(session, tribunal.id, JobState.RUNNING, JobState.SUCCEEDED, tribunal=trace,
+                      result_text=step.result_text, finish_reason=step.finish_reason, **usage):
+            announce_end(session, tribunal.id)
         return []
     session.execute(
         update(Job).where(Job.id == tribunal.id).values(tribunal=trace, **usage)
@@ -243,9 +244,10 @@ def _revision_step(tribunal, trace, templates):
 
 def _fail(session, tribunal, step):
     """Fail the tribunal because ``step`` failed, and stop its other steps."""
-    transition(session, tribunal.id, JobState.RUNNING, JobState.FAILED, error_code=step.error_code,
-               error_message=f"{describe_step(step, len(tribunal.tribunal['candidates']))} failed: {step.error_message}")
-    cancel_steps(session, tribunal.id)
+    if transition(session, tribunal.id, JobState.RUNNING, JobState.FAILED, error_code=step.error_code,
+                  error_message=f"{describe_step(step, len(tribunal.tribunal['candidates']))} failed: {step.error_message}"):
+        cancel_steps(session, tribunal.id)
+        announce_end(session, tribunal.id)
 
 
 def describe_step(step, candidates):

@@ -9,7 +9,7 @@ from flask import jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from queue_engine import errors
+from queue_engine import errors, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ STATUS_FOR = {
     errors.JobFinishedError: 409,
     errors.BatchFinishedError: 409,
     errors.IdempotencyConflictError: 409,
+    webhooks.NoWebhookEventError: 409,
     errors.BrokerUnavailableError: 503,
 }
 

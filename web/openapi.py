@@ -16,6 +16,8 @@ COMPONENTS = [
     (schemas.BatchCreate, "validation"),
     (schemas.BatchOut, "serialization"),
     (schemas.BatchList, "serialization"),
+    (schemas.WebhookAttemptList, "serialization"),
+    (schemas.WebhookEventOut, "serialization"),
     (schemas.ErrorResponse, "serialization"),
     (schemas.Health, "serialization"),
 ]
@@ -50,6 +52,22 @@ def batch_upload_schema():
     properties["params"] = {"type": "string", "description": "sampling parameters for every row, as JSON text"}
     properties["file"] = {"type": "string", "format": "binary", "description": "the CSV or JSONL file"}
     return {"type": "object", "required": ["file", "model"], "properties": properties}
+
+
+def webhook_list_path(parameter, noun):
+    return {"get": {
+        "summary": f"Every attempt to deliver the {noun}'s webhook events",
+        "parameters": [parameter],
+        "responses": {"200": _json("WebhookAttemptList", "the attempts, in order"), **_errors(401, 404)},
+    }}
+
+
+def redeliver_path(parameter, noun):
+    return {"post": {
+        "summary": f"Send the {noun}'s last webhook event again (same webhook-id, a fresh retry schedule)",
+        "parameters": [parameter],
+        "responses": {"202": _json("WebhookEventOut", "the event, due now"), **_errors(401, 404, 409)},
+    }}
 
 
 def build_openapi():
@@ -90,6 +108,8 @@ def build_openapi():
                     "responses": {"200": _json("JobOut", "the job, cancelled"), **_errors(401, 404, 409)},
                 },
             },
+            "/api/v1/jobs/{job_id}/webhooks": webhook_list_path(JOB_ID, "job"),
+            "/api/v1/jobs/{job_id}/webhooks/redeliver": redeliver_path(JOB_ID, "job"),
             "/api/v1/tribunals": {
                 "post": {
                     "summary": "Submit a tribunal: candidates, a judge's critique, a revised final answer",
@@ -138,6 +158,8 @@ def build_openapi():
                     "responses": {"200": _json("BatchOut", "the batch, cancelling or cancelled"), **_errors(401, 404, 409)},
                 },
             },
+            "/api/v1/batches/{batch_id}/webhooks": webhook_list_path(BATCH_ID, "batch"),
+            "/api/v1/batches/{batch_id}/webhooks/redeliver": redeliver_path(BATCH_ID, "batch"),
             "/metrics": {
                 "get": {
                     "security": [],

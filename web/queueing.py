@@ -8,7 +8,7 @@ stored is removed again, so a failed submission leaves nothing behind.
 from flask import current_app, g
 from kombu.exceptions import OperationalError
 
-from queue_engine import batches, jobs, load, tribunal, uploads
+from queue_engine import batches, jobs, load, targets, tribunal, uploads
 from queue_engine.errors import BrokerUnavailableError
 from workers.publish import send_chunks, send_job
 
@@ -22,6 +22,7 @@ def submit_job(request_body, idempotency_key=None, kind="single"):
     """Create and enqueue a job for the current key; returns ``(job, created)``."""
     session = get_session()
     settings = current_app.extensions["qe_settings"]
+    check_webhook_url(request_body, settings)
     job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind)
     session.commit()
     if created:
@@ -39,6 +40,7 @@ def submit_tribunal(request_body, idempotency_key=None):
     session = get_session()
     settings = current_app.extensions["qe_settings"]
     tribunal.check_request(settings, request_body)  # before reading the broker for it
+    check_webhook_url(request_body, settings)
     readings = None
     if request_body.bypass == "auto":
         readings = read_backlog(session, tribunal.models_of(request_body))
@@ -56,6 +58,12 @@ def submit_tribunal(request_body, idempotency_key=None):
         send_or_withdraw(session, send_steps, lambda: tribunal.delete_unsent_tribunal(session, job.id))
         metrics.count_tribunal(job)
     return job, created
+
+
+def check_webhook_url(request_body, settings):
+    """Refuse a ``webhook_url`` the service may not call (``queue_engine.targets``)."""
+    if request_body.webhook_url:
+        targets.check_url(request_body.webhook_url, settings.webhook_networks)
 
 
 def read_backlog(session, models):
@@ -78,6 +86,7 @@ def submit_batch(request_body, file):
     """
     session = get_session()
     settings = current_app.extensions["qe_settings"]
+    check_webhook_url(request_body, settings)
     head = file.stream.read(4096)
     file.stream.seek(0)
     file_format = uploads.detect_format(file.filename, head)

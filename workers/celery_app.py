@@ -11,7 +11,7 @@ worker consumes it itself. What goes on which queue is in ``publish.py``.
 
 from celery import Celery
 
-from . import tasks
+from . import tasks, webhooks
 
 #: kombu polls the in-process broker once a second unless told otherwise.
 MEMORY_POLLING_INTERVAL = 0.005
@@ -47,4 +47,5 @@ def make_celery(settings):
     )
     app.qe_settings = settings
     tasks.register_tasks(app)
+    webhooks.register_tasks(app)
     return app

@@ -13,6 +13,7 @@ from .batcher import EngineLoop
 from .bulk import BulkConsumer
 from .celery_app import make_celery
 from .engine import EngineSettings, VllmEngine
+from .webhooks import start_relay
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def run_worker(celery_app, model, concurrency=None, loglevel="INFO"):
 
 def start_embedded_worker(settings, model, log=log.info):
     """Embedded mode: migrate the database and run a worker for ``model`` in a
-    background thread of this process, on the in-process broker.
+    background thread of this process, on the in-process broker. It delivers
+    webhooks too.
 
     Call it before Flask is imported: vLLM 0.32 scans every loaded module
     while it starts and trips over werkzeug's unbound context proxies.
@@ -91,8 +93,9 @@ def start_embedded_worker(settings, model, log=log.info):
     celery_app = make_celery(settings)
     runtime = load_runtime(celery_app, model, log=log)
     BulkConsumer(celery_app, runtime).start()
-    controller = celery_app.WorkController(
-        loglevel="WARNING", without_heartbeat=True, **worker_options(settings, model)
-    )
+    start_relay(celery_app, settings, runtime.sessions)
+    options = worker_options(settings, model)
+    options["queues"].append(keys.WEBHOOK_QUEUE)
+    controller = celery_app.WorkController(loglevel="WARNING", without_heartbeat=True, **options)
     threading.Thread(target=controller.start, name="embedded-worker", daemon=True).start()
     return celery_app

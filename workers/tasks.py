@@ -9,7 +9,7 @@ them once that transaction has committed.
 import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from queue_engine import keys, leases, tribunal
+from queue_engine import jobs, keys, leases, tribunal
 from queue_engine.db import transaction
 from queue_engine.errors import EngineRejectedError
 
@@ -38,6 +38,7 @@ def run_job(task, job_id):
         if claim.gave_up:
             # Its workers kept dying. If it was a tribunal's step, the tribunal fails.
             tribunal.step_ended(session, job_id, settings.tribunal)
+            jobs.announce_end(session, job_id)
     if claim.retry_in:
         # Another worker holds a live lease; look again when it would expire.
         raise task.retry(countdown=claim.retry_in)
@@ -96,12 +97,16 @@ def record_failure(app, job, code, message):
 
 def end_job(app, job, store_outcome):
     """Store ``job``'s outcome with ``store_outcome(session)``, which returns
-    whether it ended the job. If the job is a tribunal's step, schedule the
-    steps after it in the same transaction, then send them."""
+    whether it ended the job. In the same transaction: if the job is a
+    tribunal's step, schedule the steps after it (sent after commit); if it
+    has a webhook, record the event."""
     runtime = app.qe_runtime
     with transaction(runtime.sessions) as session:
         next_steps = []
-        if store_outcome(session) and job.parent_id is not None:
-            next_steps = tribunal.step_ended(session, job.id, runtime.settings.tribunal)
+        if store_outcome(session):
+            if job.parent_id is not None:
+                next_steps = tribunal.step_ended(session, job.id, runtime.settings.tribunal)
+            elif job.webhook_url:
+                jobs.announce_end(session, job.id)
     for step in next_steps:
         send_job(app, step)
