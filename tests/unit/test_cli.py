@@ -69,3 +69,19 @@ def test_submit_takes_a_file_or_a_prompt(tmp_path, with_file, with_prompt):
     args = ([str(source)] if with_file else []) + (["--prompt", "hi"] if with_prompt else [])
     result = CliRunner().invoke(main, ["submit", *args, "--key", "k"], env={})
     assert result.exit_code == 2 and "give a FILE" in result.output
+
+
+def test_keys_rotate_secret_prints_the_new_secret_and_keeps_the_old_for_the_grace(env):
+    """`keys rotate-secret NAME` replaces the webhook secret; the old one is kept to sign during the grace."""
+    runner = CliRunner()
+    created = json.loads(runner.invoke(main, ["keys", "create", "carol", "--json"], env=env).output.splitlines()[-1])
+    result = runner.invoke(main, ["keys", "rotate-secret", "carol", "--grace-hours", "2", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    rotated = json.loads(result.output.strip().splitlines()[-1])
+    assert rotated["webhook_secret"].startswith("whsec_") and rotated["webhook_secret"] != created["webhook_secret"]
+    engine = make_engine(env["QUEUE_ENGINE_DATABASE_URL"])
+    with engine.connect() as connection:
+        row = connection.execute(select(ApiKey.webhook_secret, ApiKey.previous_webhook_secret)).one()
+    assert tuple(row) == (rotated["webhook_secret"], created["webhook_secret"])
+    missing = runner.invoke(main, ["keys", "rotate-secret", "nobody"], env=env)
+    assert missing.exit_code == 1 and "no key named 'nobody'" in missing.output
