@@ -65,14 +65,15 @@ def serve(host, port, worker_model):
     else:
         celery_app = start_webhook_delivery(settings)
     from web import create_app
-    from web.server import build_server, embedded_key_path, ensure_embedded_key
+    from web.server import build_server, embedded_key_path, embedded_secret_path, ensure_embedded_key
 
     # The app enqueues on the Celery app whose in-process worker runs.
     server = build_server(create_app(settings, celery_app), host, port)
     if settings.is_embedded:
-        key = ensure_embedded_key(settings)
-        if key:
-            click.echo(f"created an API key (kept in {embedded_key_path(settings)}): {key}")
+        new_key = ensure_embedded_key(settings)
+        if new_key:
+            click.echo(f"created an API key (kept in {embedded_key_path(settings)}): {new_key.key}\n"
+                       f"its webhook secret (kept in {embedded_secret_path(settings)}): {new_key.webhook_secret}")
     click.echo(f"queue-engine serving on http://{host}:{server.effective_port}"
                f" ({'embedded' if settings.is_embedded else 'cluster'} mode)")
     server.run()

@@ -96,6 +96,14 @@ class Client:
                 raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout} s")
             time.sleep(interval)
 
+    def webhooks(self, work_id):
+        """Every attempt to deliver the webhook events of a job or batch (by its id)."""
+        return self._call("GET", f"/api/v1/{_collection(work_id)}/{work_id}/webhooks")
+
+    def redeliver_webhook(self, work_id):
+        """Send the last webhook event of a job or batch again, with the same id."""
+        return self._call("POST", f"/api/v1/{_collection(work_id)}/{work_id}/webhooks/redeliver")
+
     def write_results(self, batch_id, out, file_format="csv"):
         """Stream the batch's results into the binary file object ``out``."""
         response = self._call("GET", f"/api/v1/batches/{batch_id}/results", stream=True,
@@ -103,3 +111,7 @@ class Client:
         with response:
             for piece in response.iter_content(chunk_size=1 << 16):
                 out.write(piece)
+
+
+def _collection(work_id):
+    return "batches" if work_id.startswith("batch_") else "jobs"

@@ -19,21 +19,27 @@ def embedded_key_path(settings):
     return Path(settings.data_dir) / "embedded-api-key"
 
 
+def embedded_secret_path(settings):
+    return Path(settings.data_dir) / "embedded-webhook-secret"
+
+
 def ensure_embedded_key(settings):
-    """On the first start of an empty database, create a key and keep it for the owner.
+    """On the first start of an empty database, create a key called
+    ``embedded`` and keep it, and its webhook secret, for the owner.
 
     Returns:
-        The key in clear if this call created it, else None.
+        The :class:`~queue_engine.apikeys.NewKey` if this call created it, else None.
     """
     sessions = make_sessions(settings.sqlalchemy_url)
     with transaction(sessions) as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):
             return None
         new_key = create_api_key(session, "embedded")
-    path = embedded_key_path(settings)
-    path.write_text(new_key.key + "\n")
-    os.chmod(path, 0o600)
-    return new_key.key
+    for path, value in ((embedded_key_path(settings), new_key.key),
+                        (embedded_secret_path(settings), new_key.webhook_secret)):
+        path.write_text(value + "\n")
+        os.chmod(path, 0o600)
+    return new_key
 
 
 def build_server(app, host="127.0.0.1", port=8000):

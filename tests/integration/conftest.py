@@ -58,6 +58,7 @@ class Cluster:
         self.settings = load_settings(environ=self.env)
         self.sessions = make_sessions(self.settings.sqlalchemy_url)
         self.workers = []
+        self.processes = []
         self._start_web()
 
     def _start_web(self):
@@ -67,6 +68,24 @@ class Cluster:
         self.server = build_server(create_app(self.settings), port=0)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         threading.Thread(target=self.server.run, daemon=True).start()
+
+    def start_webhook_delivery(self):
+        """Start `queue-engine serve` in cluster mode on a port of its own: it
+        delivers webhooks (a relay and a worker for qe.webhooks)."""
+        port = free_port()
+        log_path = self.directory / "serve-webhooks.log"
+        process = spawn(["serve", "--port", str(port)], self.env, log_path)
+        self.processes.append(process)
+
+        def up():
+            assert process.poll() is None, f"serve exited; see {log_path}"
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, 60, f"`queue-engine serve` (log: {log_path})", 0.2)
+        return process
 
     def new_client(self):
         key, _ = make_key(self.sessions, f"k-{secrets.token_hex(4)}")
@@ -94,8 +113,8 @@ class Cluster:
         wait_until(done, WORKER_START_TIMEOUT, f"the worker to run a first job (log: {worker.log_path})", 0.5)
 
     def stop(self):
-        for worker in self.workers:
-            stop_process(worker.process)
+        for process in [worker.process for worker in self.workers] + self.processes:
+            stop_process(process)
         self.server.close()
         self.sessions.kw["bind"].dispose()
 

@@ -11,6 +11,7 @@ import requests
 
 from queue_engine.client import Client
 from tests.helpers import free_port, queue_engine_command, spawn, stop_process, wait_until
+from tests.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,8 @@ def embedded(tmp_path_factory, tiny_model_dir):
     directory = tmp_path_factory.mktemp("embedded")
     config = directory / "queue-engine.toml"
     config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n')
-    env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(directory / "data")}
+    env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(directory / "data"),
+           "QUEUE_ENGINE_WEBHOOK_ALLOW": "127.0.0.0/8"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")}, **env}
     port = free_port()
     log_path = directory / "serve.log"
@@ -36,7 +38,8 @@ def embedded(tmp_path_factory, tiny_model_dir):
 
     wait_until(up, 240, f"the embedded server (log: {log_path})", 0.5)
     key = (directory / "data" / "embedded-api-key").read_text().strip()
-    yield {"url": url, "key": key, "env": env, "log": log_path}
+    secret = (directory / "data" / "embedded-webhook-secret").read_text().strip()
+    yield {"url": url, "key": key, "secret": secret, "env": env, "log": log_path}
     stop_process(process)
 
 
@@ -49,6 +52,22 @@ def test_embedded_serve_prints_a_key_and_answers_a_job(embedded):
     assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] > 0
     ready = requests.get(embedded["url"] + "/readyz", timeout=5).json()
     assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_the_in_process_worker_delivers_webhooks(embedded):
+    """Embedded mode needs no Redis for webhooks either: the event arrives, signed with the printed secret."""
+    assert embedded["secret"] in embedded["log"].read_text()
+    receiver = Receiver(secrets=[embedded["secret"]])
+    client = Client(embedded["url"], embedded["key"])
+    try:
+        job = client.submit_job({"model": "tiny", "prompt": "Hi", "params": {"max_tokens": 2},
+                                 "webhook_url": receiver.url})
+        wait_until(receiver.accepted, 120, "the webhook", 0.1)
+    finally:
+        receiver.stop()
+    [arrived] = receiver.deliveries
+    assert arrived.verified_by == [0] and arrived.body["type"] == "job.completed"
+    assert arrived.body["data"]["id"] == job["id"]
 
 
 def test_cli_submit_wait_and_status(embedded):
