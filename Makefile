@@ -30,3 +30,4 @@ bench: setup system-deps
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/batches.py
 	$(BIN)/python bench/tribunal.py
+	$(BIN)/python bench/webhooks.py

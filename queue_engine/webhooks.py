@@ -109,7 +109,7 @@ def claim_due(session, limit=100, now=None):
     """Mark up to ``limit`` events to be sent now, and return their ids.
 
     Due means: pending and its time has come; or queued or sending past its
-    lease, i.e. its message was lost or its sender died. Each claim is a
+    lease, i.e. its message was lost or its sender died. The claim is one
     conditional UPDATE, so two relays never send the same event.
     """
     now = now or utcnow()
@@ -120,16 +120,13 @@ def claim_due(session, limit=100, now=None):
     )
     candidates = session.scalars(
         select(WebhookEvent.id).where(due).order_by(WebhookEvent.next_attempt_at).limit(limit)).all()
-    claimed = []
-    for event_id in candidates:
-        taken = session.execute(
-            update(WebhookEvent).where(WebhookEvent.id == event_id, due)
-            .values(status=EventState.QUEUED.value, lease_expires_at=now + timedelta(seconds=QUEUED_LEASE))
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if taken:
-            claimed.append(event_id)
-    return claimed
+    if not candidates:
+        return []
+    return list(session.scalars(
+        update(WebhookEvent).where(WebhookEvent.id.in_(candidates), due)
+        .values(status=EventState.QUEUED.value, lease_expires_at=now + timedelta(seconds=QUEUED_LEASE))
+        .returning(WebhookEvent.id).execution_options(synchronize_session=False)
+    ))
 
 
 def release(session, event_ids):
@@ -144,13 +141,15 @@ def release(session, event_ids):
 
 
 class Attempt(NamedTuple):
-    """What one attempt sends: the event, its number, where, what, signed how."""
+    """What one attempt sends: the event, its number, where, what, signed how.
+    ``round_start`` is where the retry schedule counts from."""
 
     event_id: str
     number: int
     url: str
     body: str
     secrets: list
+    round_start: int = 0
 
 
 class Outcome(NamedTuple):
@@ -180,13 +179,14 @@ def start_attempt(session, event_id, now=None):
         .where(WebhookEvent.id == event_id, WebhookEvent.status == EventState.QUEUED.value)
         .values(status=EventState.SENDING.value, attempts=WebhookEvent.attempts + 1,
                 lease_expires_at=now + timedelta(seconds=SENDING_LEASE))
-        .returning(WebhookEvent.attempts, WebhookEvent.url, WebhookEvent.body, WebhookEvent.owner_id)
+        .returning(WebhookEvent.attempts, WebhookEvent.url, WebhookEvent.body, WebhookEvent.owner_id,
+                   WebhookEvent.round_start)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
     api_key = session.get(ApiKey, row.owner_id)
-    return Attempt(event_id, row.attempts, row.url, row.body, signing_secrets(api_key, now))
+    return Attempt(event_id, row.attempts, row.url, row.body, signing_secrets(api_key, now), row.round_start)
 
 
 def finish_attempt(session, attempt, outcome, retry_delays, now=None):
@@ -205,14 +205,13 @@ def finish_attempt(session, attempt, outcome, retry_delays, now=None):
         event_id=attempt.event_id, attempt=attempt.number, status_code=outcome.status_code,
         error=outcome.error, duration_ms=outcome.duration_ms, at=now,
     ))
-    event = session.get(WebhookEvent, attempt.event_id, populate_existing=True)
     values = {"lease_expires_at": None}
     if outcome.delivered:
         values.update(status=EventState.DELIVERED.value, ended_at=now, next_attempt_at=None)
     elif outcome.final or outcome.status_code == 410:
         values.update(status=EventState.FAILED.value, ended_at=now, next_attempt_at=None)
     else:
-        delay = next_delay(attempt.number - event.round_start, retry_delays, outcome.retry_after)
+        delay = next_delay(attempt.number - attempt.round_start, retry_delays, outcome.retry_after)
         if delay is None:
             values.update(status=EventState.FAILED.value, ended_at=now, next_attempt_at=None)
         else:
@@ -224,7 +223,7 @@ def finish_attempt(session, attempt, outcome, retry_delays, now=None):
                WebhookEvent.attempts == attempt.number)
         .values(**values).execution_options(synchronize_session=False)
     )
-    return EventState(values.get("status", event.status))
+    return EventState(values["status"])
 
 
 def next_delay(attempts_made, retry_delays, retry_after=None):

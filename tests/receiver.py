@@ -27,6 +27,7 @@ class Delivery(NamedTuple):
     verified_by: list  # the secrets (by index) whose signature checked out
     status: int  # what the receiver answered
     at: float  # time.monotonic()
+    wall: float  # time.time(), to compare with the times the API reports
 
 
 class Receiver:
@@ -61,8 +62,10 @@ class Receiver:
 
     def stop(self):
         """Close the port: the next attempts get "connection refused"."""
-        self._server.shutdown()
-        self._server.server_close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     def _handle(self, request):
         raw = request.rfile.read(int(request.headers.get("Content-Length", 0))).decode()
@@ -82,7 +85,7 @@ class Receiver:
             except ValueError:
                 body = None
             self.deliveries.append(Delivery(headers.get("webhook-id"), headers, body, verified, status,
-                                            time.monotonic()))
+                                            time.monotonic(), time.time()))
         request.send_response(status)
         for name, value in extra.items():
             request.send_header(name, value)

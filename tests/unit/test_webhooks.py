@@ -8,6 +8,7 @@ real receiver in ``tests/integration/test_webhooks.py``.
 
 import io
 import json
+import threading
 from datetime import timedelta
 
 import pytest
@@ -193,6 +194,28 @@ def test_a_due_event_is_claimed_by_one_relay_only(sessions, event_id):
     with transaction(sessions) as session:
         assert webhooks.claim_due(session) == []
     assert events(sessions)[0].status == "queued"
+
+
+@pytest.mark.postgres
+def test_two_relays_racing_on_postgresql_split_the_due_events(sessions, settings, owner, database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
+    for _ in range(40):
+        end_job(sessions, submit(sessions, settings, owner))
+    barrier, claimed = threading.Barrier(2), []
+
+    def relay():
+        with transaction(sessions) as session:
+            barrier.wait()
+            claimed.append(webhooks.claim_due(session, limit=40))
+
+    threads = [threading.Thread(target=relay) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    first, second = claimed
+    assert len(first) + len(second) == 40 and not set(first) & set(second)
 
 
 def test_a_duplicate_message_does_not_make_a_second_attempt(sessions, event_id):
