@@ -6,11 +6,16 @@ with the ``standardwebhooks`` library.
 
 0. Latency when idle: jobs one at a time, job finished -> event received.
 1. Cost, side by side: N jobs without a webhook, then N jobs with one (the
-   receiver up). Jobs per second for each, and the delivery latency (job
-   finished -> the receiver had the event).
+   receiver up). Jobs per second for each; CPU time per job of the worker
+   process (its engine core is a child process, not counted) and per event
+   of the delivering `serve`; and the delivery latency (job finished -> the
+   receiver had the event). Everything shares this machine's cores, the
+   receiver and the web sharing one Python process with the submitting threads.
 2. Reliability: N more jobs with a webhook while the receiver is down for
    ``--down`` seconds. Then: was every event delivered after it came back,
    was any delivered twice after a 2xx, did every signature verify?
+3. The outbox's own cost, side by side: the transaction that ends a job,
+   without and with its event written in it (last: its events go nowhere).
 
 Prints the figures as one JSON object on its last line.
 
@@ -19,6 +24,7 @@ Prints the figures as one JSON object on its last line.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,7 +43,9 @@ from bench.throughput import cluster_env  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from queue_engine.db import make_sessions, transaction  # noqa: E402
-from queue_engine.models import Job, WebhookEvent  # noqa: E402
+from queue_engine import jobs, leases  # noqa: E402
+from queue_engine.models import ApiKey, Job, WebhookEvent  # noqa: E402
+from queue_engine.schemas import JobCreate  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until  # noqa: E402
 from tests.integration.conftest import MODEL_CACHE  # noqa: E402
@@ -108,6 +116,38 @@ def idle_latency(client, sessions, receiver, count, max_tokens):
     return latencies
 
 
+def outbox_cost(sessions, owner_id, settings, count):
+    """Seconds per job-ending transaction without and with the event written
+    in it (``complete_job`` as a worker calls it; then ``announce_end``)."""
+    def claimed_jobs():
+        with transaction(sessions) as session:
+            request = JobCreate(model="tiny", prompt="x", webhook_url="http://127.0.0.1:9/hook")
+            ids = [jobs.create_job(session, owner_id, request, settings)[0].id for _ in range(count)]
+        with transaction(sessions) as session:
+            for job_id in ids:
+                leases.claim_job(session, job_id, "bench", 600, 3)
+        return ids
+
+    def end_all(ids, announce):
+        started = time.perf_counter()
+        for job_id in ids:
+            with transaction(sessions) as session:
+                leases.complete_job(session, job_id, "bench", "text", "stop", 1, 1)
+                if announce:
+                    jobs.announce_end(session, job_id)
+        return (time.perf_counter() - started) / len(ids)
+
+    plain, announced = claimed_jobs(), claimed_jobs()
+    return end_all(plain, False), end_all(announced, True)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time the process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def audit(receiver, events):
     """What the receiver saw of ``events`` (``{job_id: event row}``)."""
     by_id = {event.id: job_id for job_id, event in events.items()}
@@ -160,9 +200,17 @@ def main():
                 idle_latency(client, sessions, receiver, args.idle_jobs, args.max_tokens)), 3)
 
             print(f"1. {args.jobs} jobs without a webhook, then {args.jobs} with one ...", flush=True)
+            worker_cpu = cpu_seconds(service.worker.pid)
             _, plain_rate = run_jobs(client, sessions, args.jobs, args.max_tokens)
+            worker_cpu, worker_cpu_plain = cpu_seconds(service.worker.pid), cpu_seconds(service.worker.pid) - worker_cpu
+            delivery_cpu = cpu_seconds(delivery.pid)
             hooked, hooked_rate = run_jobs(client, sessions, args.jobs, args.max_tokens, receiver.url)
+            worker_cpu_hooked = cpu_seconds(service.worker.pid) - worker_cpu
             wait_delivered(sessions, hooked, 300)
+            per_job = 1000 / args.jobs
+            figures["worker_cpu_ms_per_job_without"] = round(worker_cpu_plain * per_job, 2)
+            figures["worker_cpu_ms_per_job_with"] = round(worker_cpu_hooked * per_job, 2)
+            figures["delivery_cpu_ms_per_event"] = round((cpu_seconds(delivery.pid) - delivery_cpu) * per_job, 2)
             events = events_of(sessions, hooked)
             ended = finished_at(sessions, hooked)
             arrived = {d.webhook_id: d.wall for d in receiver.accepted()}
@@ -192,6 +240,15 @@ def main():
             figures["attempts_refused_while_down"] = refused
             figures["attempts_per_event_max"] = max(e.attempts for e in events.values())
             figures["part2"] = audit(receiver, events)
+
+            print(f"3. the job-ending transaction without and with its event, {args.jobs} each ...", flush=True)
+            stop_process(delivery)  # so that nothing else writes meanwhile
+            with sessions() as session:
+                owner_id = session.scalar(select(ApiKey.id).where(ApiKey.name == "bench-webhooks"))
+            without, with_event = outbox_cost(sessions, owner_id, settings, args.jobs)
+            figures["end_transaction_ms_without_event"] = round(without * 1000, 3)
+            figures["end_transaction_ms_with_event"] = round(with_event * 1000, 3)
+            figures["ratio_end_transaction_with_vs_without"] = round(with_event / without, 2)
         finally:
             receiver.stop()
             stop_process(delivery)

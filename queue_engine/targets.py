@@ -28,6 +28,7 @@ class ForbiddenTargetError(InvalidRequestError):
     """The URL is not one the service may call; the message says why."""
 
     code = "invalid_webhook_url"
+    param = "webhook_url"
 
 
 class UnresolvableTargetError(ForbiddenTargetError):

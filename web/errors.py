@@ -48,7 +48,7 @@ def describe_validation_error(error):
 
 def handle_domain_error(error):
     status = next((s for cls, s in STATUS_FOR.items() if isinstance(error, cls)), 400)
-    return error_response(status, error.code, str(error))
+    return error_response(status, error.code, str(error), getattr(error, "param", None))
 
 
 def handle_validation_error(error):

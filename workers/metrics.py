@@ -10,3 +10,9 @@ BATCH_SIZE = Histogram(
 IN_FLIGHT = Gauge("qe_engine_in_flight", "Requests the engine loop holds")
 REQUESTS = Counter("qe_engine_requests_total", "Requests the engine loop finished, by outcome", ["outcome"])
 BULK_WAITING = Gauge("qe_engine_bulk_waiting", "bulk rows waiting in the worker for a seat in the engine")
+
+WEBHOOK_ATTEMPTS = Counter(
+    "qe_webhook_attempts_total",
+    "Webhook delivery attempts, by what the event became: delivered, pending (a retry is due later) or failed",
+    ["result"],
+)

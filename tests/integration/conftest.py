@@ -85,6 +85,7 @@ class Cluster:
                 return False
 
         wait_until(up, 60, f"`queue-engine serve` (log: {log_path})", 0.2)
+        self.delivery_url = f"http://127.0.0.1:{port}"
         return process
 
     def new_client(self):

@@ -3,9 +3,11 @@ tiny model), `queue-engine serve` delivering, and a real receiver on
 loopback that verifies every signature with the ``standardwebhooks`` library."""
 
 import io
+import re
 import secrets
 
 import pytest
+import requests
 
 from queue_engine import apikeys
 from queue_engine.client import Client
@@ -62,7 +64,15 @@ def user(cluster):
     user.receiver.stop()
 
 
-def test_a_receiver_failing_twice_gets_three_attempts_with_one_id(user):
+def attempts_counted(cluster):
+    """``qe_webhook_attempts_total`` by result, from the delivering `serve`'s /metrics."""
+    text = requests.get(cluster.delivery_url + "/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^qe_webhook_attempts_total\{result="(\w+)"\} ([\d.e+]+)$', text, re.M)}
+
+
+def test_a_receiver_failing_twice_gets_three_attempts_with_one_id(cluster, user):
+    counted_before = attempts_counted(cluster)
     user.receiver.script([500, 503])
     job_id = user.submit()
     event = user.wait_for_event(job_id, "delivered")
@@ -75,6 +85,9 @@ def test_a_receiver_failing_twice_gets_three_attempts_with_one_id(user):
     attempts = user.client.webhooks(job_id)["data"]
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 503), (3, 200)]
     assert user.receiver.accepted() == arrived[-1:]  # delivered once
+    counted = attempts_counted(cluster)
+    assert counted["pending"] - counted_before.get("pending", 0) >= 2
+    assert counted["delivered"] - counted_before.get("delivered", 0) >= 1
 
 
 def test_a_receiver_that_was_down_gets_the_event_once_it_is_back(user):

@@ -45,6 +45,7 @@ def test_a_forbidden_webhook_url_is_a_400_that_stores_and_sends_nothing(client, 
         body = assert_matches_openapi(spec, path, "post", response)
         assert response.status_code == 400, (path, body)
         assert body["error"]["message"].startswith("webhook_url: ") and why in body["error"]["message"]
+        assert body["error"]["param"] == "webhook_url"
     assert stored(app) == (0, 0)
     assert broker.llen(keys.queue_name("tiny")) == broker.llen(keys.queue_name("tiny", "bulk")) == 0
 
