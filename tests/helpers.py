@@ -84,6 +84,20 @@ def spawn(args, env, log_path):
     )
 
 
+def wait_until_serving(url, process, log_path, timeout):
+    """Wait until a `queue-engine serve` subprocess answers ``/healthz``; fail if it exits."""
+    import requests
+
+    def up():
+        assert process.poll() is None, f"serve exited; see {log_path}"
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, timeout, f"`queue-engine serve` at {url} (log: {log_path})", 0.2)
+
+
 def response_schema(spec, path, method, status):
     """The JSON schema the OpenAPI document gives for one response."""
     schema = spec["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]

@@ -15,7 +15,7 @@ from queue_engine.client import Client
 from queue_engine.db import make_sessions
 from queue_engine.settings import load_settings
 from tests.conftest import make_key
-from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until
+from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until, wait_until_serving
 from workers.engine import resolve_model_dir
 
 MODEL_CACHE = Path(os.environ.get("QUEUE_ENGINE_TEST_CACHE", Path.home() / ".cache" / "queue-engine-tests"))
@@ -76,16 +76,8 @@ class Cluster:
         log_path = self.directory / "serve-webhooks.log"
         process = spawn(["serve", "--port", str(port)], self.env, log_path)
         self.processes.append(process)
-
-        def up():
-            assert process.poll() is None, f"serve exited; see {log_path}"
-            try:
-                return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(up, 60, f"`queue-engine serve` (log: {log_path})", 0.2)
         self.delivery_url = f"http://127.0.0.1:{port}"
+        wait_until_serving(self.delivery_url, process, log_path, 60)
         return process
 
     def new_client(self):

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from queue_engine.client import Client
-from tests.helpers import free_port, queue_engine_command, spawn, stop_process, wait_until
+from tests.helpers import free_port, queue_engine_command, spawn, stop_process, wait_until, wait_until_serving
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -28,15 +28,7 @@ def embedded(tmp_path_factory, tiny_model_dir):
     log_path = directory / "serve.log"
     process = spawn(["serve", "--port", str(port)], env, log_path)
     url = f"http://127.0.0.1:{port}"
-
-    def up():
-        assert process.poll() is None, log_path.read_text()
-        try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_until(up, 240, f"the embedded server (log: {log_path})", 0.5)
+    wait_until_serving(url, process, log_path, 240)
     key = (directory / "data" / "embedded-api-key").read_text().strip()
     secret = (directory / "data" / "embedded-webhook-secret").read_text().strip()
     yield {"url": url, "key": key, "secret": secret, "env": env, "log": log_path}

@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from queue_engine import apikeys, batches, jobs, leases, uploads, webhooks
 from queue_engine.db import transaction
+from queue_engine.errors import InvalidRequestError
 from queue_engine.models import ApiKey, WebhookDelivery, WebhookEvent, utcnow
 from queue_engine.schemas import BatchCreate, JobCreate
 from queue_engine.settings import ModelProfile, load_settings
@@ -329,6 +330,6 @@ def test_during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one(sessi
 
 
 def test_rotating_an_unknown_key_says_so(sessions):
-    with pytest.raises(Exception, match="no key named 'nobody'"):
+    with pytest.raises(InvalidRequestError, match="no key named 'nobody'"):
         with transaction(sessions) as session:
             apikeys.rotate_webhook_secret(session, "nobody")

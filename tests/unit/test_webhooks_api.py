@@ -60,10 +60,10 @@ def test_a_public_address_is_accepted_and_webhook_allow_admits_loopback(make_app
     assert stored(app) == (8, 2)  # per URL: a job, a tribunal and its step, a batch and its row
 
 
-def ended_job_with_attempts(app, owner_auth_client, auth, outcomes):
+def ended_job_with_attempts(app, client, auth, outcomes):
     """A job that succeeded, its event, and one recorded attempt per outcome."""
-    response = owner_auth_client.post("/api/v1/jobs", headers=auth,
-                                      json={"model": "tiny", "prompt": "x", "webhook_url": PUBLIC})
+    response = client.post("/api/v1/jobs", headers=auth,
+                           json={"model": "tiny", "prompt": "x", "webhook_url": PUBLIC})
     job_id = response.get_json()["id"]
     sessions = app.extensions["qe_sessions"]
     with transaction(sessions) as session:
