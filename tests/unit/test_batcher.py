@@ -143,10 +143,12 @@ def test_bulk_rows_leave_seats_for_interactive_requests(engine, loop):
     """Bulk rows fill the batch only up to max_num_seqs minus the reserve; the rest wait in the loop."""
     engine.gated = True
     [loop.submit(request(f"b{i:02}", steps=2, lane="bulk")) for i in range(70)]
-    wait_until(lambda: loop.in_flight == 60 and loop.bulk_waiting == 10, 5, "bulk rows seated")
+    # The first step may start before every row is in; by the second, all
+    # 70 are waiting, and the loop seats only 60 of them.
     engine.step_gate.release()
-    wait_until(lambda: len(engine.batches) == 1, 5, "first step")
-    assert len(engine.batches[0]) == 60
+    engine.step_gate.release()
+    wait_until(lambda: len(engine.batches) >= 2, 5, "two steps")
+    assert len(engine.batches[0]) <= 60 and len(engine.batches[1]) == 60
 
 
 def test_an_interactive_request_joins_the_next_step_ahead_of_waiting_bulk_rows(engine, loop):
