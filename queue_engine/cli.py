@@ -101,6 +101,45 @@ def worker(model, concurrency, metrics_port):
     sys.exit(run_worker(make_celery(settings), model, concurrency) or 0)
 
 
+@main.command()
+@click.option("--once", is_flag=True, help="Decide once and exit (to see what it would do, or from cron).")
+def autoscale(once):
+    """Submit and stop SLURM worker jobs as the queues of the models with a
+    [models.X.slurm] table grow and drain."""
+    import signal
+    import threading
+
+    from slurm.autoscaler import Autoscaler
+    from slurm.commands import Slurm
+
+    settings = read_settings()
+    if settings.is_embedded:
+        raise click.ClickException("autoscale needs a broker: set QUEUE_ENGINE_BROKER_URL (cluster mode)")
+    autoscaler = Autoscaler(settings, make_sessions(settings.sqlalchemy_url),
+                            Slurm(timeout=settings.autoscaler.command_timeout))
+    if not autoscaler.models:
+        raise click.ClickException("no model profile has a [models.X.slurm] table; nothing to scale")
+    if once:
+        autoscaler.step()
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    autoscaler.run(stop)
+
+
+@main.command("slurm-script")
+@click.option("--model", "-m", required=True, help="The model profile.")
+def slurm_script(model):
+    """Print the SLURM batch script of a worker job for MODEL."""
+    from slurm.jobscript import render
+
+    try:
+        click.echo(render(read_settings(), model), nl=False)
+    except QueueEngineError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.group()
 def db():
     """Database schema commands."""

@@ -1,5 +1,6 @@
 """The SQLAlchemy models: API keys, batches, jobs (tribunal steps are jobs too)
-and the webhook events they cause, with every delivery attempt.
+and the webhook events they cause, with every delivery attempt; the SLURM
+worker jobs the autoscaler runs, and its standing per model.
 
 The schema changes only through Alembic migrations in ``migrations/``.
 """
@@ -193,3 +194,53 @@ class WebhookDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerAllocation(Base):
+    """One worker job submitted to (or adopted from) SLURM, from submission to its end.
+
+    ``state`` is ours: ``pending`` (SLURM has not started it), ``starting``
+    (running, the engine is loading), ``serving`` (the worker registered),
+    ``stopping`` (told to stop), then how it ended: ``completed``,
+    ``failed``, ``timeout``, ``cancelled`` or ``lost`` (SLURM no longer knows it).
+    """
+
+    __tablename__ = "worker_allocations"
+    __table_args__ = (
+        UniqueConstraint("deployment", "slurm_job_id", name="uq_worker_allocations_job"),
+        Index("ix_worker_allocations_active", "deployment", "model", "ended_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    slurm_job_id: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    slurm_state: Mapped[str | None] = mapped_column(String(40), doc="SLURM's last word on it, e.g. PENDING, FAILED")
+    node: Mapped[str | None] = mapped_column(String(255))
+    adopted: Mapped[bool] = mapped_column(default=False, doc="found in squeue, not submitted by this autoscaler")
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    serving_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    exit_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ScalingState(Base):
+    """The autoscaler's standing for one model: its last decision and its failures."""
+
+    __tablename__ = "scaling_states"
+
+    deployment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="ok", doc="ok, backoff or error")
+    failures: Mapped[int] = mapped_column(Integer, default=0, doc="worker jobs in a row that failed to start")
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="no new job before this (back-off)")
+    last_failure: Mapped[str | None] = mapped_column(Text)
+    idle_since: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="since when the backlog is zero")
+    backlog: Mapped[int] = mapped_column(Integer, default=0)
+    desired: Mapped[int] = mapped_column(Integer, default=0)
+    action: Mapped[str] = mapped_column(String(16), default="hold", doc="up, down, hold or wait")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -8,11 +8,12 @@ reads ``os.environ`` for our settings; the object is passed down.
 """
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import prompts, targets
 from .errors import SettingsError
@@ -27,8 +28,30 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: A name that goes into SLURM job names, comments and file names as it is.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: What each ``#SBATCH`` value may hold. sbatch reads these lines itself, so a
+#: space or a newline could smuggle in another option or a shell line.
+SBATCH_VALUE_PATTERNS = {
+    "mem": r"^\d+[KMGT]?$",
+    "time": r"^(\d+-)?\d+(:\d{1,2}){0,2}$",
+    "partition": r"^[A-Za-z0-9._,-]+$",
+    "account": r"^[A-Za-z0-9._-]+$",
+    "qos": r"^[A-Za-z0-9._-]+$",
+    "constraint": r"^[A-Za-z0-9._,&|*()\[\]-]+$",
+    "output": r"^[A-Za-z0-9._/%+=@,-]+$",
+}
+EXTRA_LINE_PATTERN = r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9._/%+=@:,*&|\[\]-]+)?$"
+
+
 class SlurmProfile(_Frozen):
-    """How one model's workers are submitted to SLURM (used by ``slurm/``)."""
+    """How one model's workers are submitted to SLURM (used by ``slurm/``).
+
+    Every value that goes into an ``#SBATCH`` line is checked against a
+    pattern, so a profile cannot add options or commands to the job script.
+    ``setup`` lines are shell on purpose (modules, a venv, apptainer); each
+    must be one line.
+    """
 
     gpus: int = Field(1, ge=0, description="GPUs per worker job")
     cpus: int = Field(4, ge=1, description="CPUs per worker job")
@@ -38,11 +61,43 @@ class SlurmProfile(_Frozen):
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    extra: list[str] = Field(default_factory=list, description="extra #SBATCH lines")
+    output: str | None = Field(None, description="the job's output file (default data_dir/slurm/%x-%j.out)")
+    extra: list[str] = Field(default_factory=list, description="extra #SBATCH lines, e.g. --exclusive")
     setup: list[str] = Field(default_factory=list, description="shell lines before the worker starts")
+    stop_before_end: int = Field(
+        300, ge=0, description="seconds before the walltime when the worker is told to stop taking work")
     min_workers: int = Field(0, ge=0)
     max_workers: int = Field(4, ge=0)
     target_backlog_per_worker: int = Field(256, ge=1)
+
+    @field_validator(*SBATCH_VALUE_PATTERNS)
+    @classmethod
+    def _sbatch_value(cls, value, info):
+        if value is not None and not re.fullmatch(SBATCH_VALUE_PATTERNS[info.field_name], value):
+            raise ValueError(f"{value!r} is not a valid value for #SBATCH --{info.field_name}")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_lines(cls, lines):
+        for line in lines:
+            if not re.fullmatch(EXTRA_LINE_PATTERN, line):
+                raise ValueError(f"{line!r} is not one sbatch option (--name or --name=value, no spaces)")
+        return lines
+
+    @field_validator("setup")
+    @classmethod
+    def _one_line_each(cls, lines):
+        for line in lines:
+            if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in line):
+                raise ValueError(f"setup line {line!r} holds a newline or a control character")
+        return lines
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})")
+        return self
 
 
 class ModelProfile(_Frozen):
@@ -85,8 +140,17 @@ class BatchSettings(_Frozen):
 
 
 class AutoscalerSettings(_Frozen):
+    """How ``queue-engine autoscale`` decides (see ``queue_engine/scaling.py``)."""
+
     interval: float = Field(5.0, gt=0, description="seconds between scaling decisions")
     idle_grace: float = Field(120.0, ge=0, description="idle seconds before scale-in")
+    deployment: str = Field(
+        "main", pattern=NAME_PATTERN,
+        description="names this service's SLURM jobs (qe-<deployment>-<model>), so several can share a cluster")
+    backoff: float = Field(10.0, gt=0, description="seconds before replacing a worker job that failed to start")
+    max_backoff: float = Field(600.0, gt=0, description="the back-off doubles per failure up to this")
+    error_after: int = Field(3, ge=1, description="failures in a row that put a profile in the error state")
+    command_timeout: float = Field(30.0, gt=0, description="seconds before a SLURM command counts as failed")
 
 
 def default_data_dir(environ=os.environ):
@@ -126,7 +190,13 @@ class Settings(_Frozen):
     @field_validator("models")
     @classmethod
     def _keep_tiny(cls, models):
-        """The ``tiny`` profile exists unless the configuration overrides it."""
+        """The ``tiny`` profile exists unless the configuration overrides it.
+
+        Names become queue names and SLURM job names, so they are plain words.
+        """
+        for name in models:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"model profile name {name!r}: use letters, digits, '.', '_' and '-' (64 at most)")
         return {**_default_models(), **models}
 
     @field_validator("webhook_allow")

@@ -12,7 +12,7 @@ from sqlalchemy import delete
 
 from queue_engine.apikeys import create_api_key
 from queue_engine.db import make_engine, make_session_factory, transaction, upgrade_database
-from queue_engine.models import ApiKey, Batch, Job, WebhookEvent
+from queue_engine.models import ApiKey, Batch, Job, ScalingState, WebhookEvent, WorkerAllocation
 from queue_engine.settings import load_settings
 
 POSTGRES_ADMIN_URL = os.environ.get("QUEUE_ENGINE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -56,6 +56,8 @@ def database_url(request):
         connection.execute(delete(Job))
         connection.execute(delete(Batch))
         connection.execute(delete(ApiKey))
+        connection.execute(delete(WorkerAllocation))
+        connection.execute(delete(ScalingState))
     engine.dispose()
 
 

@@ -62,15 +62,16 @@ class BulkConsumer:
         self._thread.start()
         return self
 
-    def stop(self, timeout=None):
+    def stop(self, timeout=None, wait=True):
         """Warm stop: take no more chunks, finish the rows already running.
 
         A chunk that still had rows waiting on another worker goes back to
-        the queue.
+        the queue. With ``wait=False`` it only begins stopping.
         """
         self._stopping.set()
-        self._thread.join(timeout)
-        self._pool.shutdown(wait=False)
+        if wait:
+            self._thread.join(timeout)
+            self._pool.shutdown(wait=False)
 
     def _run(self):
         while not self._stopping.is_set():

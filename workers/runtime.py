@@ -3,11 +3,15 @@ and the code that starts a Celery worker around them.
 """
 
 import logging
+import os
+import socket
 import threading
 from dataclasses import dataclass
 
-from queue_engine import keys, leases
-from queue_engine.db import make_sessions, upgrade_database
+from celery import signals
+
+from queue_engine import allocations, keys, leases
+from queue_engine.db import make_sessions, transaction, upgrade_database
 
 from .batcher import EngineLoop
 from .bulk import BulkConsumer
@@ -64,18 +68,41 @@ def worker_options(settings, model, concurrency=None):
 def run_worker(celery_app, model, concurrency=None, loglevel="INFO"):
     """Run a Celery worker for ``model`` in this process until it is told to stop.
 
-    SIGTERM is a warm shutdown: the worker stops taking messages, finishes
-    what it holds and exits; unacknowledged messages go back to the queue.
+    SIGTERM is a warm shutdown: the worker stops taking messages in both
+    lanes, finishes what it holds and exits; unacknowledged messages go back
+    to the queue. Inside a SLURM job the worker marks its allocation
+    ``serving`` once its engine is loaded, so the autoscaler can tell a
+    loading job from a serving one.
     """
     runtime = load_runtime(celery_app, model)
     bulk = BulkConsumer(celery_app, runtime).start()
     worker = celery_app.Worker(loglevel=loglevel, **worker_options(celery_app.qe_settings, model, concurrency))
+
+    def stop_bulk_lane(**kwargs):
+        bulk.stop(wait=False)
+
+    signals.worker_shutting_down.connect(stop_bulk_lane, weak=False)
+    register_allocation(runtime)
     try:
         worker.start()
     finally:
         bulk.stop()
         runtime.loop.stop()
     return worker.exitcode
+
+
+def register_allocation(runtime, environ=os.environ):
+    """Inside a SLURM job: mark this job's allocation as serving."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return
+    with transaction(runtime.sessions) as session:
+        known = allocations.register_worker(session, runtime.settings.autoscaler.deployment, job_id,
+                                            node=socket.gethostname())
+    if known:
+        log.info("serving in SLURM job %s", job_id)
+    else:
+        log.info("SLURM job %s is not one of the autoscaler's allocations; serving anyway", job_id)
 
 
 def start_embedded_worker(settings, model, log=log.info):

@@ -5,6 +5,8 @@ and PostgreSQL."""
 import os
 import re
 import secrets
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from queue_engine.client import Client
 from queue_engine.db import make_sessions
 from queue_engine.settings import load_settings
 from tests.conftest import make_key
-from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until, wait_until_serving
+from slurm.commands import Slurm
+from tests.helpers import ROOT, RedisServer, free_port, spawn, stop_process, wait_until, wait_until_serving
 from workers.engine import resolve_model_dir
 
 MODEL_CACHE = Path(os.environ.get("QUEUE_ENGINE_TEST_CACHE", Path.home() / ".cache" / "queue-engine-tests"))
@@ -26,6 +29,44 @@ WORKER_START_TIMEOUT = 240
 def tiny_model_dir():
     """The tiny model, built once per machine (about a minute) and reused."""
     return resolve_model_dir("tiny", MODEL_CACHE, log=print)
+
+
+class LocalSlurm:
+    """A one-node SLURM cluster (4 fake GPUs) started by ``slurm/local/start.sh``."""
+
+    START, STOP = ROOT / "slurm" / "local" / "start.sh", ROOT / "slurm" / "local" / "stop.sh"
+
+    def __init__(self, directory, env=None):
+        """``env`` goes to start.sh (QE_SLURMCTLD_PORT, QE_SLURMD_PORT)."""
+        self.directory = directory
+        self.env = {"SLURM_CONF": str(directory / "slurm.conf")}
+        self.started = subprocess.run(["bash", self.START, directory], capture_output=True, text=True, timeout=300,
+                                      env={**os.environ, **(env or {})})
+        if self.started.returncode != 0:
+            pytest.fail(f"slurm/local/start.sh failed:\n{self.started.stderr}")
+
+    def client(self, env=None, timeout=30):
+        """A SLURM client for this cluster; ``env`` also goes to the jobs it submits."""
+        return Slurm(timeout=timeout, env={**(env or {}), **self.env})
+
+    def squeue(self, *args):
+        return subprocess.run(["squeue", "--noheader", *args], capture_output=True, text=True, check=True,
+                              env={**os.environ, **self.env}).stdout
+
+    def stop(self):
+        subprocess.run(["bash", self.STOP, self.directory], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory):
+    ports = {"QE_SLURMCTLD_PORT": str(free_port()), "QE_SLURMD_PORT": str(free_port())}
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), env=ports)
+    yield cluster
+    cluster.stop()
+
+
+#: A setup line that puts this test run's ``queue-engine`` first on PATH in a job.
+PATH_SETUP = f"export PATH={Path(sys.executable).parent}:$PATH"
 
 
 @pytest.fixture(scope="session")

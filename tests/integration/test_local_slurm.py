@@ -32,12 +32,8 @@ def daemon_pids(directory):
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("slurm")
-    started = run("bash", START, directory)
-    assert started.returncode == 0, started.stderr
-    yield directory, started
-    run("bash", STOP, directory)
+def slurm(local_slurm):
+    return local_slurm.directory, local_slurm.started
 
 
 def job_state(env, job_id):

@@ -1,0 +1,143 @@
+"""Worker allocations: the SLURM jobs that run workers, as the database keeps them.
+
+The autoscaler writes a row when it submits a job (or finds one of its
+deployment it did not know: adoption), moves it along as SLURM reports
+(``pending`` -> ``starting``), and closes it when the job leaves the queue.
+The worker itself marks the row ``serving`` when its engine is loaded and it
+starts taking work, which is how pending and loading jobs are told from
+serving ones. See :class:`~queue_engine.models.WorkerAllocation`.
+"""
+
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from .models import ScalingState, WorkerAllocation, utcnow
+
+#: Our states of a job SLURM still runs or queues.
+ACTIVE_STATES = ("pending", "starting", "serving", "stopping")
+#: A worker that ends within this many seconds of serving counts as failed to start.
+EARLY_EXIT_SECONDS = 60
+
+
+def active(session, deployment, model):
+    """The model's allocations that have not ended, oldest first."""
+    query = (
+        select(WorkerAllocation)
+        .where(WorkerAllocation.deployment == deployment, WorkerAllocation.model == model,
+               WorkerAllocation.ended_at.is_(None))
+        .order_by(WorkerAllocation.id)
+    )
+    return list(session.scalars(query))
+
+
+def record_submitted(session, deployment, model, job_id, adopted=False):
+    allocation = WorkerAllocation(deployment=deployment, model=model, slurm_job_id=job_id, state="pending",
+                                  slurm_state="PENDING", adopted=adopted, submitted_at=utcnow())
+    session.add(allocation)
+    session.flush()
+    return allocation
+
+
+def observe(allocation, kind, slurm_state, node, now=None):
+    """Record what squeue says of a job that is still there (``kind``
+    pending or running)."""
+    allocation.slurm_state = slurm_state
+    if kind == "running" and allocation.state == "pending":
+        allocation.state = "starting"
+        allocation.started_at = now or utcnow()
+    if node:
+        allocation.node = node
+
+
+def close(allocation, kind, slurm_state, reason, now=None):
+    """The job left the queue: ``kind`` is how it ended (completed, failed,
+    timeout, cancelled), or ``lost`` when SLURM no longer knows it."""
+    allocation.state = kind
+    allocation.slurm_state = slurm_state or allocation.slurm_state
+    allocation.ended_at = now or utcnow()
+    allocation.exit_reason = reason
+    if allocation.started_at is None and kind != "cancelled":
+        allocation.started_at = allocation.ended_at
+
+
+def failed_to_start(allocation):
+    """Whether an ended job counts against its profile: it was not told to
+    stop, and it ended before serving or soon after."""
+    if allocation.stop_requested_at is not None:
+        return False
+    if allocation.serving_at is None:
+        return True
+    return allocation.ended_at - allocation.serving_at < timedelta(seconds=EARLY_EXIT_SECONDS)
+
+
+def request_stop(allocation, now=None):
+    allocation.state = "stopping"
+    allocation.stop_requested_at = now or utcnow()
+
+
+def register_worker(session, deployment, job_id, node):
+    """A worker in SLURM job ``job_id`` is serving. Returns False if the
+    job is not one of the deployment's allocations (started by hand)."""
+    now = utcnow()
+    result = session.execute(
+        update(WorkerAllocation)
+        .where(WorkerAllocation.deployment == deployment, WorkerAllocation.slurm_job_id == job_id,
+               WorkerAllocation.state.in_(("pending", "starting")))
+        .values(state="serving", serving_at=now, node=node,
+                started_at=func.coalesce(WorkerAllocation.started_at, now))
+    )
+    return result.rowcount == 1
+
+
+def workers_by_state(session, deployment):
+    """``{model: {state: count}}`` of the deployment's active allocations."""
+    query = (
+        select(WorkerAllocation.model, WorkerAllocation.state, func.count())
+        .where(WorkerAllocation.deployment == deployment, WorkerAllocation.ended_at.is_(None))
+        .group_by(WorkerAllocation.model, WorkerAllocation.state)
+    )
+    counts = {}
+    for model, state, count in session.execute(query):
+        counts.setdefault(model, dict.fromkeys(ACTIVE_STATES, 0))[state] = count
+    return counts
+
+
+def scaling_state(session, deployment, model):
+    """The model's :class:`~queue_engine.models.ScalingState`, created on first use."""
+    state = session.get(ScalingState, (deployment, model))
+    if state is None:
+        state = ScalingState(deployment=deployment, model=model, state="ok", failures=0, backlog=0, desired=0,
+                             action="hold", reason="not decided yet", decided_at=utcnow())
+        session.add(state)
+    return state
+
+
+def scaling_states(session, deployment):
+    """``{model: ScalingState}`` of the deployment."""
+    return {s.model: s for s in session.scalars(select(ScalingState).where(ScalingState.deployment == deployment))}
+
+
+def count_failure(state, why, delay, error_after, now=None):
+    """One more failed start: back off for ``delay`` seconds; after
+    ``error_after`` in a row the profile is in the error state."""
+    now = now or utcnow()
+    state.failures += 1
+    state.last_failure = why
+    state.retry_at = now + timedelta(seconds=delay)
+    state.state = "error" if state.failures >= error_after else "backoff"
+
+
+def clear_failures(state):
+    state.failures = 0
+    state.retry_at = None
+    state.state = "ok"
+
+
+def allocation_to_dict(allocation):
+    return {
+        "slurm_job_id": allocation.slurm_job_id, "model": allocation.model, "state": allocation.state,
+        "slurm_state": allocation.slurm_state, "node": allocation.node, "adopted": allocation.adopted,
+        "submitted_at": allocation.submitted_at, "started_at": allocation.started_at,
+        "serving_at": allocation.serving_at, "ended_at": allocation.ended_at, "exit_reason": allocation.exit_reason,
+    }
