@@ -12,7 +12,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
+from . import keys
 from .models import ScalingState, WorkerAllocation, utcnow
+from .schemas import ModelList, ModelStatus, ScalingOut
 
 #: Our states of a job SLURM still runs or queues.
 ACTIVE_STATES = ("pending", "starting", "serving", "stopping")
@@ -134,10 +136,30 @@ def clear_failures(state):
     state.state = "ok"
 
 
-def allocation_to_dict(allocation):
-    return {
-        "slurm_job_id": allocation.slurm_job_id, "model": allocation.model, "state": allocation.state,
-        "slurm_state": allocation.slurm_state, "node": allocation.node, "adopted": allocation.adopted,
-        "submitted_at": allocation.submitted_at, "started_at": allocation.started_at,
-        "serving_at": allocation.serving_at, "ended_at": allocation.ended_at, "exit_reason": allocation.exit_reason,
-    }
+def models_status(session, settings, reading):
+    """Every model profile's load, workers and last scaling decision, as
+    ``GET /api/v1/models`` shows them (:class:`~queue_engine.schemas.ModelList`).
+
+    Args:
+        reading: the backlog of every profile's queues (``load.read_backlog``).
+    """
+    deployment = settings.autoscaler.deployment
+    workers = workers_by_state(session, deployment)
+    states = scaling_states(session, deployment)
+    data = []
+    for model, profile in sorted(settings.models.items()):
+        queues = {name: q for name, q in reading["queues"].items() if name in keys.model_queues(model)}
+        state = states.get(model)
+        data.append(ModelStatus(
+            model=model,
+            backlog=sum(q["requests"] for q in queues.values()),
+            in_flight=sum(q["reserved"] for q in queues.values()),
+            queues=queues,
+            workers=workers.get(model, dict.fromkeys(ACTIVE_STATES, 0)),
+            slurm=profile.slurm is not None,
+            scaling=None if state is None else ScalingOut(
+                state=state.state, action=state.action, desired=state.desired, reason=state.reason,
+                decided_at=state.decided_at, failures=state.failures, retry_at=state.retry_at,
+                last_failure=state.last_failure),
+        ))
+    return ModelList(data=data).model_dump(mode="json")

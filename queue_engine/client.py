@@ -104,6 +104,10 @@ class Client:
         """Send the last webhook event of a job or batch again, with the same id."""
         return self._call("POST", f"/api/v1/{_collection(work_id)}/{work_id}/webhooks/redeliver")
 
+    def models(self):
+        """``{model: status}``: each profile's backlog, workers and last scaling decision."""
+        return {m["model"]: m for m in self._call("GET", "/api/v1/models")["data"]}
+
     def write_results(self, batch_id, out, file_format="csv"):
         """Stream the batch's results into the binary file object ``out``."""
         response = self._call("GET", f"/api/v1/batches/{batch_id}/results", stream=True,

@@ -8,8 +8,9 @@ reads SLURM and the queues and acts is ``slurm/autoscaler.py``.
   SLURM's queue is not submitted twice.
 - Scale down only once the backlog has been zero for ``idle_grace``; while
   any request waits or runs, workers stay.
-- After a worker job failed to start, replacements go one at a time, after
-  a back-off that doubles with each failure in a row.
+- After a worker job failed to start, replacements go one at a time: after
+  a back-off that doubles with each failure in a row, and only once no other
+  job is still on its way up (pending or starting).
 """
 
 import math
@@ -41,7 +42,7 @@ def desired_workers(backlog, slurm):
     return max(slurm.min_workers, min(slurm.max_workers, wanted))
 
 
-def decide(backlog, workers, slurm, idle_for, idle_grace, failures=0, retry_in=0.0):
+def decide(backlog, workers, slurm, idle_for, idle_grace, failures=0, retry_in=0.0, unproven=0):
     """The decision for one model.
 
     Args:
@@ -53,10 +54,11 @@ def decide(backlog, workers, slurm, idle_for, idle_grace, failures=0, retry_in=0
         idle_grace: idle seconds before scale-in.
         failures: worker jobs in a row that failed to start.
         retry_in: seconds left of the back-off (0 when none runs).
+        unproven: of ``workers``, those not serving yet (pending or starting).
     """
     desired = desired_workers(backlog, slurm)
     if desired > workers:
-        return _scale_up(backlog, workers, desired, slurm, failures, retry_in)
+        return _scale_up(backlog, workers, desired, slurm, failures, retry_in, unproven)
     if desired < workers:
         if backlog > 0:
             return Decision("hold", desired, f"{backlog} requests still waiting or running; keeping {workers} workers")
@@ -69,12 +71,15 @@ def decide(backlog, workers, slurm, idle_for, idle_grace, failures=0, retry_in=0
     return Decision("hold", desired, f"{workers} workers for a backlog of {backlog}")
 
 
-def _scale_up(backlog, workers, desired, slurm, failures, retry_in):
+def _scale_up(backlog, workers, desired, slurm, failures, retry_in, unproven):
     wanted = (f"backlog {backlog} at {slurm.target_backlog_per_worker} per worker wants {desired} "
               f"(min {slurm.min_workers}, max {slurm.max_workers}), {workers} running or pending")
-    if retry_in > 0:
+    if failures and retry_in > 0:
         return Decision("wait", desired, f"{wanted}; backing off after {failures} failed starts, "
                         f"next try in {retry_in:.0f} s")
+    if failures and unproven:
+        return Decision("wait", desired, f"{wanted}; after {failures} failed starts, waiting for the "
+                        f"{unproven} starting to serve before submitting more")
     change = 1 if failures else desired - workers  # after a failure, one at a time
     return Decision("up", desired, f"{wanted}: submitting {change}", change)
 

@@ -248,6 +248,45 @@ class WebhookAttemptList(BaseModel):
     events: list[WebhookEventOut] = Field(description="the events the attempts belong to")
 
 
+class WorkerCounts(BaseModel):
+    """A model's SLURM worker jobs that have not ended, by state."""
+
+    pending: int = Field(description="waiting in SLURM's queue")
+    starting: int = Field(description="running, the engine is loading")
+    serving: int = Field(description="the worker registered and takes work")
+    stopping: int = Field(description="told to stop; finishing what it holds")
+
+
+class ScalingOut(BaseModel):
+    """The autoscaler's last decision for a model, and why."""
+
+    state: Literal["ok", "backoff", "error"] = Field(
+        description="backoff: a worker job failed to start and replacements wait; error: it failed repeatedly")
+    action: Literal["up", "down", "hold", "wait"]
+    desired: int
+    reason: str
+    decided_at: datetime
+    failures: int = Field(description="worker jobs in a row that failed to start")
+    retry_at: datetime | None = Field(description="no new worker job before this")
+    last_failure: str | None
+
+
+class ModelStatus(BaseModel):
+    """One model profile: its load, its workers, its scaling."""
+
+    model: str
+    backlog: int = Field(description="requests waiting or running, both lanes")
+    in_flight: int = Field(description="requests workers are running now")
+    queues: dict[str, dict[str, int]] = Field(description="per queue: waiting (messages), reserved and requests")
+    workers: WorkerCounts
+    slurm: bool = Field(description="whether the profile has a [models.X.slurm] table (scales out)")
+    scaling: ScalingOut | None = Field(description="null until the autoscaler has decided for this model")
+
+
+class ModelList(BaseModel):
+    data: list[ModelStatus]
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -12,6 +12,7 @@ submitting more.
 import logging
 import threading
 import time
+from pathlib import Path
 
 from kombu import Connection
 
@@ -20,7 +21,7 @@ from queue_engine.db import transaction
 from queue_engine.models import utcnow
 
 from .commands import SlurmError
-from .jobscript import job_comment, job_name, render
+from .jobscript import job_comment, job_name, output_path, render
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class Autoscaler:
             decision = scaling.decide(
                 backlog, len(workers), slurm_profile,
                 idle_for=(now - state.idle_since).total_seconds() if state.idle_since else None,
-                idle_grace=self.settings.autoscaler.idle_grace, failures=state.failures, retry_in=retry_in)
+                idle_grace=self.settings.autoscaler.idle_grace, failures=state.failures, retry_in=retry_in,
+                unproven=sum(1 for a in workers if a.state != "serving"))
             if decision.action == "up":
                 self.submit(session, model, decision.change, state)
             elif decision.action == "down":
@@ -134,7 +136,9 @@ class Autoscaler:
 
     def submit(self, session, model, count, state):
         script = render(self.settings, model)
-        (self.settings.data_dir / "slurm").mkdir(parents=True, exist_ok=True)  # the default output directory
+        output_dir = Path(output_path(self.settings, model)).parent
+        if "%" not in str(output_dir):  # SLURM does not create it, and a job without it fails at once
+            output_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(count):
             try:
                 job_id = self.slurm.submit(script)

@@ -39,9 +39,10 @@ def job_comment(deployment, model):
     return f"queue-engine:{deployment}:{model}"
 
 
-def default_output(settings):
-    """Where a job's output goes unless the profile says: ``data_dir/slurm``."""
-    return str(settings.data_dir / "slurm" / "%x-%j.out")
+def output_path(settings, model):
+    """Where a job's output goes: the profile's ``output``, else
+    ``data_dir/slurm/<job name>-<job id>.out``."""
+    return settings.profile(model).slurm.output or str(settings.data_dir / "slurm" / "%x-%j.out")
 
 
 def render(settings, model):
@@ -58,7 +59,7 @@ def render(settings, model):
     for what, name in (("model profile", model), ("deployment", deployment)):
         if not re.fullmatch(NAME_PATTERN, name):
             raise SettingsError(f"{what} name {name!r} cannot go into a job script")
-    output = profile.slurm.output or default_output(settings)
+    output = output_path(settings, model)
     if not re.fullmatch(r"[^\s'\"`$;&|<>\\]+", output):
         raise SettingsError(f"output path {output!r} holds spaces or shell metacharacters")
     return _templates.get_template("worker.sh.j2").render(

@@ -6,7 +6,7 @@ from queue_engine.db import make_engine, make_session_factory
 from queue_engine.settings import load_settings
 from workers.celery_app import make_celery
 
-from . import batches, db, errors, health, jobs, metrics, openapi, tribunals, webhooks
+from . import batches, db, errors, health, jobs, metrics, models, openapi, tribunals, webhooks
 
 
 def create_app(settings=None, celery_app=None):
@@ -34,6 +34,7 @@ def create_app(settings=None, celery_app=None):
     app.register_blueprint(tribunals.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(webhooks.bp)
+    app.register_blueprint(models.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     return app

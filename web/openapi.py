@@ -18,6 +18,7 @@ COMPONENTS = [
     (schemas.BatchList, "serialization"),
     (schemas.WebhookAttemptList, "serialization"),
     (schemas.WebhookEventOut, "serialization"),
+    (schemas.ModelList, "serialization"),
     (schemas.ErrorResponse, "serialization"),
     (schemas.Health, "serialization"),
 ]
@@ -160,6 +161,13 @@ def build_openapi():
             },
             "/api/v1/batches/{batch_id}/webhooks": webhook_list_path(BATCH_ID, "batch"),
             "/api/v1/batches/{batch_id}/webhooks/redeliver": redeliver_path(BATCH_ID, "batch"),
+            "/api/v1/models": {
+                "get": {
+                    "summary": "Each model profile: backlog, in-flight requests, SLURM workers by state, "
+                               "the autoscaler's last decision and why",
+                    "responses": {"200": _json("ModelList", "every configured model profile"), **_errors(401, 503)},
+                },
+            },
             "/metrics": {
                 "get": {
                     "security": [],

@@ -57,3 +57,10 @@ def test_after_failures_replacements_go_one_at_a_time():
 
 def test_back_off_doubles_per_failure_up_to_the_cap():
     assert [backoff_delay(n, base=5, cap=60) for n in range(7)] == [0, 5, 10, 20, 40, 60, 60]
+
+
+def test_after_failures_nothing_more_is_submitted_while_a_replacement_is_on_its_way_up():
+    decision = decide(backlog=500, workers=1, slurm=PROFILE, idle_for=None, idle_grace=120, failures=2, retry_in=0,
+                      unproven=1)
+    assert (decision.action, decision.change) == ("wait", 0)
+    assert "waiting for the 1 starting to serve" in decision.reason

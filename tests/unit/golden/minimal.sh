@@ -15,5 +15,9 @@
 # SIGTERM (the walltime signal above, or `scancel --batch --signal=TERM`) is a
 # warm shutdown: the worker stops taking work, finishes what it holds, exits.
 set -eo pipefail
+# Celery's process title ("[celeryd: ...") puts a space in the command name,
+# which SLURM's proctrack/linuxproc cannot parse: the worker would never get
+# SLURM's signals (scancel, the end of the walltime). Keep the plain name.
+export NOSETPS=1
 
 exec queue-engine worker --model llama-70b

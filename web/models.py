@@ -1,0 +1,19 @@
+"""``GET /api/v1/models``: each model profile's backlog, workers and scaling."""
+
+from flask import Blueprint, current_app
+
+from queue_engine import allocations
+
+from .auth import require_api_key
+from .db import get_session
+from .queueing import read_backlog
+
+bp = Blueprint("models", __name__, url_prefix="/api/v1")
+bp.before_request(require_api_key)
+
+
+@bp.get("/models")
+def list_models():
+    settings = current_app.extensions["qe_settings"]
+    session = get_session()
+    return allocations.models_status(session, settings, read_backlog(session, list(settings.models)))
