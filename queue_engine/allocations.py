@@ -48,6 +48,10 @@ def observe(allocation, kind, slurm_state, node, now=None):
     if kind == "running" and allocation.state == "pending":
         allocation.state = "starting"
         allocation.started_at = now or utcnow()
+    if allocation.serving_at is not None and allocation.state in ("pending", "starting"):
+        # The worker registered while the autoscaler held an older copy of
+        # the row, and its write put the state back; serving_at tells.
+        allocation.state = "serving"
     if node:
         allocation.node = node
 
@@ -59,8 +63,6 @@ def close(allocation, kind, slurm_state, reason, now=None):
     allocation.slurm_state = slurm_state or allocation.slurm_state
     allocation.ended_at = now or utcnow()
     allocation.exit_reason = reason
-    if allocation.started_at is None and kind != "cancelled":
-        allocation.started_at = allocation.ended_at
 
 
 def failed_to_start(allocation):

@@ -7,6 +7,7 @@ domain package stays free of them and ``--help`` stays fast.
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -98,7 +99,17 @@ def worker(model, concurrency, metrics_port):
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr="0.0.0.0")
-    sys.exit(run_worker(make_celery(settings), model, concurrency) or 0)
+    try:
+        code = run_worker(make_celery(settings), model, concurrency) or 0
+    except SystemExit as e:  # how Celery ends a warm shutdown
+        code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+    # Everything is finished and stored by now. Interpreter teardown would
+    # spend seconds in torch's native code, and a worker told to stop
+    # (scale-in, walltime) should give its GPUs back at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command()

@@ -41,7 +41,8 @@ class Autoscaler:
         self.slurm = slurm
         self.deployment = settings.autoscaler.deployment
         self.models = {name: p.slurm for name, p in settings.models.items() if p.slurm is not None}
-        self._names = {job_name(self.deployment, model): model for model in self.models}
+        #: ``{SLURM job name: model}``: how this deployment's jobs are found.
+        self.job_names = {job_name(self.deployment, model): model for model in self.models}
 
     def run(self, stop=None):
         """Decide every ``interval`` seconds until ``stop`` (an Event) is set."""
@@ -60,14 +61,14 @@ class Autoscaler:
     def step(self):
         """One round: read SLURM once, then decide and act for each model."""
         try:
-            found = self.slurm.jobs(list(self._names))
+            found = self.slurm.jobs(list(self.job_names))
         except SlurmError as e:
             self.record_blind(f"cannot read SLURM's queue: {e}")
             raise
         jobs = {}
         for job in found:
-            if job.comment in ("", job_comment(self.deployment, self._names[job.name])):
-                jobs.setdefault(self._names[job.name], {})[job.job_id] = job
+            if job.comment in ("", job_comment(self.deployment, self.job_names[job.name])):
+                jobs.setdefault(self.job_names[job.name], {})[job.job_id] = job
         with Connection(self.settings.broker_url) as broker:
             for model in self.models:
                 self.scale(model, jobs.get(model, {}), broker.default_channel)
@@ -99,8 +100,8 @@ class Autoscaler:
                 self.submit(session, model, decision.change, state)
             elif decision.action == "down":
                 self.stop(workers, decision.change)
-            if decision.action != "hold" or decision.reason != state.reason:
-                log.info("%s: %s: %s", model, decision.action, decision.reason)
+            quiet = decision.action == state.action == "hold"  # say each change, not each reading
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s: %s: %s", model, decision.action, decision.reason)
             state.backlog, state.desired = backlog, decision.desired
             state.action, state.reason, state.decided_at = decision.action, decision.reason, now
 

@@ -4,6 +4,12 @@
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+# A real one-node SLURM cluster, started by slurm/local/start.sh (which would
+# install these itself; installing them here keeps the test run's clock clean).
+command -v slurmctld >/dev/null || missing+=(slurmctld)
+command -v slurmd >/dev/null || missing+=(slurmd)
+command -v sbatch >/dev/null || missing+=(slurm-client)
+command -v munged >/dev/null || missing+=(munge)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing system packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2

@@ -35,7 +35,7 @@ def scaled(tmp_path, tiny_model_dir, redis_server, cluster_database_url, local_s
                   + f'[models.{model}]\npath = "{{tiny}}"\n[models.{model}.slurm]\n{slurm_toml}')
         cluster = Cluster(tmp_path, tiny_model_dir, redis_server.url, cluster_database_url, config_toml=config)
         scaler = Autoscaler(cluster.settings, cluster.sessions, local_slurm.client())
-        made.append((cluster, list(scaler._names)))
+        made.append((cluster, list(scaler.job_names)))
         return cluster, scaler
 
     yield make
@@ -136,3 +136,14 @@ def test_when_slurm_cannot_be_read_the_models_list_says_so(scaled, local_slurm):
     assert scaling["action"] == "wait" and scaling["reason"].startswith("cannot read SLURM's queue: squeue")
     with transaction(cluster.sessions) as session:
         assert allocations.active(session, scaler.deployment, "blind") == []
+
+
+def test_a_refused_submission_counts_as_a_failed_start_with_slurms_reason(scaled):
+    cluster, scaler = scaled("greedy", SLEEPING + "gpus = 5\n")  # the node has 4
+    submit_jobs(cluster, "greedy", 1)
+    scaler.step()
+    assert allocations_of(cluster, "greedy") == []
+    scaling = cluster.new_client().models()["greedy"]["scaling"]
+    assert (scaling["state"], scaling["failures"]) == ("backoff", 1)
+    assert "sbatch --parsable failed" in scaling["last_failure"]
+    assert "Requested node configuration is not available" in scaling["last_failure"]

@@ -66,3 +66,18 @@ def test_failures_in_a_row_back_off_then_reach_the_error_state(sessions):
         assert state.state == "error"
         allocations.clear_failures(state)
         assert (state.state, state.failures, state.retry_at) == ("ok", 0, None)
+
+
+def test_a_registration_overwritten_by_an_older_copy_of_the_row_is_restored(sessions):
+    with transaction(sessions) as session:
+        allocations.record_submitted(session, "dep", "tiny", "21")
+    with transaction(sessions) as autoscaler:
+        [stale] = allocations.active(autoscaler, "dep", "tiny")  # read before the worker registers
+        with transaction(sessions) as worker:
+            assert allocations.register_worker(worker, "dep", "21", node="gpu01")
+        allocations.observe(stale, "running", "RUNNING", "gpu01")  # writes state=starting over serving
+    with transaction(sessions) as session:
+        [allocation] = allocations.active(session, "dep", "tiny")
+        assert allocation.state == "starting" and allocation.serving_at is not None
+        allocations.observe(allocation, "running", "RUNNING", "gpu01")  # the next round
+        assert allocation.state == "serving"

@@ -85,3 +85,27 @@ def test_keys_rotate_secret_prints_the_new_secret_and_keeps_the_old_for_the_grac
     assert tuple(row) == (rotated["webhook_secret"], created["webhook_secret"])
     missing = runner.invoke(main, ["keys", "rotate-secret", "nobody"], env=env)
     assert missing.exit_code == 1 and "no key named 'nobody'" in missing.output
+
+
+def test_slurm_script_prints_the_job_script_of_a_profile(env, tmp_path):
+    config = tmp_path / "qe.toml"
+    config.write_text('[models.big]\npath = "/models/big"\n[models.big.slurm]\ngpus = 2\n'
+                      'setup = ["source /shared/venv/bin/activate"]\n')
+    result = CliRunner().invoke(main, ["slurm-script", "--model", "big"], env={**env, "QUEUE_ENGINE_CONFIG": str(config)})
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("#!/bin/bash\n#SBATCH --job-name=qe-main-big\n")
+    assert "#SBATCH --gres=gpu:2\n" in result.output
+    assert result.output.endswith("source /shared/venv/bin/activate\n\nexec queue-engine worker --model big\n")
+
+
+@pytest.mark.parametrize("model, message", [("nope", "no model profile 'nope'"), ("tiny", "has no [models.tiny.slurm]")])
+def test_slurm_script_refuses_a_profile_it_cannot_render(env, model, message):
+    result = CliRunner().invoke(main, ["slurm-script", "--model", model], env=env)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_autoscale_needs_cluster_mode_and_a_slurm_profile(env):
+    embedded = CliRunner().invoke(main, ["autoscale", "--once"], env=env)
+    assert embedded.exit_code == 1 and "needs a broker" in embedded.output
+    nothing = CliRunner().invoke(main, ["autoscale", "--once"], env={**env, "QUEUE_ENGINE_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert nothing.exit_code == 1 and "no model profile has a [models.X.slurm] table" in nothing.output
