@@ -31,3 +31,4 @@ bench: setup system-deps
 	$(BIN)/python bench/batches.py
 	$(BIN)/python bench/tribunal.py
 	$(BIN)/python bench/webhooks.py
+	$(BIN)/python bench/scale_out.py
