@@ -70,9 +70,14 @@ def failed_to_start(allocation):
     stop, and it ended before serving or soon after."""
     if allocation.stop_requested_at is not None:
         return False
+    return not served_long_enough(allocation, now=allocation.ended_at)
+
+
+def served_long_enough(allocation, now=None):
+    """Whether a worker has served past the window in which an exit counts as a failed start."""
     if allocation.serving_at is None:
-        return True
-    return allocation.ended_at - allocation.serving_at < timedelta(seconds=EARLY_EXIT_SECONDS)
+        return False
+    return (now or utcnow()) - allocation.serving_at >= timedelta(seconds=EARLY_EXIT_SECONDS)
 
 
 def request_stop(allocation, now=None):

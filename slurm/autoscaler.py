@@ -86,10 +86,10 @@ class Autoscaler:
         with transaction(self.sessions) as session:
             now = utcnow()
             state = allocations.scaling_state(session, self.deployment, model)
-            self.sync(session, model, slurm_jobs, state)
+            active = self.sync(session, model, slurm_jobs, state)
             backlog = load.read_backlog(session, channel, [model], self.settings.batches.chunk_rows)["backlog"]
             state.idle_since = (state.idle_since or now) if backlog == 0 else None
-            workers = [a for a in allocations.active(session, self.deployment, model) if a.state != "stopping"]
+            workers = [a for a in active if a.state != "stopping"]
             retry_in = (state.retry_at - now).total_seconds() if state.retry_at else 0.0
             decision = scaling.decide(
                 backlog, len(workers), slurm_profile,
@@ -107,7 +107,11 @@ class Autoscaler:
 
     def sync(self, session, model, slurm_jobs, state):
         """Bring the database up to what SLURM says: adopt unknown jobs,
-        note starts, close the jobs that left the queue and count failures."""
+        note starts, close the jobs that left the queue and count failures.
+
+        Returns:
+            The model's allocations still in SLURM's queue.
+        """
         known = {a.slurm_job_id: a for a in allocations.active(session, self.deployment, model)}
         for job_id, job in slurm_jobs.items():
             if job_id not in known:
@@ -117,8 +121,9 @@ class Autoscaler:
         for job_id, allocation in known.items():
             if job_id not in slurm_jobs:
                 self.close(allocation, state)
-            elif allocation.serving_at and state.failures and _served_long_enough(allocation):
+            elif state.failures and allocations.served_long_enough(allocation):
                 allocations.clear_failures(state)
+        return [allocation for job_id, allocation in known.items() if job_id in slurm_jobs]
 
     def close(self, allocation, state):
         ended = self.slurm.ended(allocation.slurm_job_id)
@@ -168,7 +173,3 @@ class Autoscaler:
         level = logging.ERROR if state.state == "error" else logging.WARNING
         log.log(level, "%s: %s; failure %d in a row, %s, next try in %g s", state.model, why, state.failures,
                 "ERROR STATE" if state.state == "error" else "backing off", delay)
-
-
-def _served_long_enough(allocation):
-    return (utcnow() - allocation.serving_at).total_seconds() >= allocations.EARLY_EXIT_SECONDS

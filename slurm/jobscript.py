@@ -3,7 +3,8 @@
 The template is ``slurm/templates/worker.sh.j2``. Every value in it was
 checked when the settings were read (``SlurmProfile`` in
 ``queue_engine/settings.py``); :func:`render` checks once more that nothing
-it writes can end a line, so a profile cannot add commands to the script.
+it writes can end a line (the default output path holds ``data_dir``), so a
+profile cannot add commands to the script.
 """
 
 import re
@@ -11,7 +12,6 @@ import re
 import jinja2
 
 from queue_engine.errors import SettingsError
-from queue_engine.settings import NAME_PATTERN
 
 _templates = jinja2.Environment(
     loader=jinja2.PackageLoader("slurm", "templates"),
@@ -55,12 +55,9 @@ def render(settings, model):
     profile = settings.profile(model)
     if profile.slurm is None:
         raise SettingsError(f"model profile {model!r} has no [models.{model}.slurm] table; it cannot scale out")
-    deployment = settings.autoscaler.deployment
-    for what, name in (("model profile", model), ("deployment", deployment)):
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise SettingsError(f"{what} name {name!r} cannot go into a job script")
+    deployment = settings.autoscaler.deployment  # names were checked with the settings
     output = output_path(settings, model)
-    if not re.fullmatch(r"[^\s'\"`$;&|<>\\]+", output):
+    if not re.fullmatch(r"[^\s'\"`$;&|<>\\]+", output):  # the default holds data_dir, which is not checked
         raise SettingsError(f"output path {output!r} holds spaces or shell metacharacters")
     return _templates.get_template("worker.sh.j2").render(
         model=model,

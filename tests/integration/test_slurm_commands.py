@@ -11,8 +11,10 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
+NAME = "qe-test-commands"
 
-def script(body, name="qe-test-commands", comment="queue-engine:test:commands", output="/dev/null"):
+
+def script(body, name=NAME, comment="queue-engine:test:commands", output="/dev/null"):
     return (f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --comment={comment}\n"
             f"#SBATCH --output={output}\n{body}\n")
 
@@ -20,9 +22,6 @@ def script(body, name="qe-test-commands", comment="queue-engine:test:commands", 
 def ended(slurm, job_id):
     return wait_until(lambda: slurm.ended(job_id) if not any(j.job_id == job_id for j in slurm.jobs([NAME])) else None,
                       30, f"job {job_id} to leave the queue", 0.1)
-
-
-NAME = "qe-test-commands"
 
 
 def test_a_submitted_job_is_found_by_name_with_its_comment(local_slurm):
