@@ -24,6 +24,7 @@ import io
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,7 @@ class Deployment:
         self.server = build_server(create_app(self.settings), port=0)
         threading.Thread(target=self.server.run, daemon=True).start()
         with transaction(self.sessions) as session:
-            key = create_api_key(session, f"bench-{name}").key
+            key = create_api_key(session, f"bench-{name}-{secrets.token_hex(3)}").key
         self.client = Client(f"http://127.0.0.1:{self.server.effective_port}", key, timeout=600)
         self.autoscaler = spawn(["autoscale"], self.env, self.dir / "autoscale.log")
 
@@ -180,18 +181,19 @@ def main():
         worker = (f'gpus = 1\ncpus = 2\nmem = "3G"\nmax_workers = 2\ntarget_backlog_per_worker = 64\n'
                   f"setup = ['{STAMP}', 'export PATH={Path(sys.executable).parent}:$PATH']\n")
         figures = {"database": database_url.split(":")[0], "idle_grace_s": IDLE_GRACE}
+        run = secrets.token_hex(2)  # deployments of their own, should the database be shared with earlier runs
         deployments = []
         try:
             for interval in (1, 5):
                 print(f"(1) backlog -> sbatch, interval {interval} s, {args.rounds} arrivals ...", flush=True)
-                deployment = Deployment(tmp, f"probe{interval}", slurm_env, redis_server.url, database_url,
+                deployment = Deployment(tmp, f"probe{interval}-{run}", slurm_env, redis_server.url, database_url,
                                         model_dir, interval, sleeper)
                 deployments.append(deployment)
                 figures[f"backlog_to_sbatch_interval_{interval}s"] = summary(
                     backlog_to_sbatch(deployment, broker, args.rounds, interval))
                 deployment.stop()
             print(f"(2, 3) {args.batches} batches of {args.rows} rows on a model with no workers ...", flush=True)
-            deployment = Deployment(tmp, "workers", slurm_env, redis_server.url, database_url, model_dir, 1, worker)
+            deployment = Deployment(tmp, f"workers-{run}", slurm_env, redis_server.url, database_url, model_dir, 1, worker)
             deployments.append(deployment)
             rounds = [batch_round(deployment, args.rows) for _ in range(args.batches)]
             for name in rounds[0]:
