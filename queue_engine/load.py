@@ -1,58 +1,58 @@
 """Load readings: how much work waits for a model, read when a decision needs it.
 
-A model's backlog is counted in requests, over both of its lanes:
+A model's backlog is counted in requests, per lane, from the database alone
+(the broker may have lost its messages, or never been sent some; the
+database has not):
 
-- waiting: the messages in its queues on the broker. An interactive message
-  is one request; a bulk message is a chunk of up to ``batches.chunk_rows``
-  rows and counts as that many.
-- reserved: the requests workers have taken but not finished, i.e. the jobs
-  and batch rows the database says are ``running``. (The broker keeps every
-  queue's unacknowledged messages in one shared set, which would have to be
-  read message by message; the database answers from the status index.)
+- waiting: queued single jobs and tribunal steps of the lane, and for the
+  bulk lane the batch rows not yet claimed (each active batch keeps its
+  counts on its own row, so a million waiting rows cost one sum);
+- reserved: the requests workers have claimed and not finished, i.e. the
+  jobs and batch rows that are ``running``.
+
+Each reading is a few index lookups, whatever the size of the backlog.
 """
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from .keys import LANES, queue_name
-from .models import Job
+from .models import WAITING_ALONE, Batch, Job
+
+#: Batch states in which rows still wait or run (``batches.ACTIVE``).
+ACTIVE_BATCHES = ("in_progress", "cancelling")
 
 
-def read_backlog(session, channel, models, chunk_rows):
-    """Read the backlog of every queue of ``models``.
-
-    Args:
-        channel: a broker channel (kombu) whose ``queue_declare`` reports
-            ``message_count``; declaring a queue that exists changes nothing.
-        models: the model profiles to read.
-        chunk_rows: the rows one bulk message carries at most.
+def read_backlog(session, models):
+    """Read the backlog of every lane of ``models``.
 
     Returns:
         A JSON-ready dict: ``backlog`` (requests, summed over ``models``) and
-        ``queues``: ``{queue name: {waiting, reserved, requests}}``, where
-        ``waiting`` counts messages and the others count requests.
+        ``queues``: ``{queue name: {waiting, reserved, requests}}``, each in
+        requests.
     """
     models = sorted(set(models))
-    reserved = reserved_requests(session, models)
+    waiting = _count_by_lane(session, select(Job.model, Job.lane, func.count())
+                             .where(Job.model.in_(models), text(WAITING_ALONE)))
+    running = _count_by_lane(session, select(Job.model, Job.lane, func.count())
+                             .where(Job.model.in_(models), Job.status == "running", Job.kind != "tribunal"))
+    running_rows = dict(session.execute(
+        select(Job.model, func.count())
+        .where(Job.model.in_(models), Job.status == "running", Job.batch_id.is_not(None))
+        .group_by(Job.model)).all())
+    unfinished_rows = dict(session.execute(
+        select(Batch.model, func.sum(Batch.total - Batch.completed - Batch.failed - Batch.cancelled))
+        .where(Batch.model.in_(models), Batch.status.in_(ACTIVE_BATCHES))
+        .group_by(Batch.model)).all())
     queues = {}
     for model in models:
         for lane in LANES:
-            name = queue_name(model, lane)
-            waiting = channel.queue_declare(queue=name).message_count
-            held = reserved.get((model, lane), 0)
-            per_message = chunk_rows if lane == "bulk" else 1
-            queues[name] = {"waiting": waiting, "reserved": held, "requests": waiting * per_message + held}
+            queued = waiting.get((model, lane), 0)
+            if lane == "bulk":
+                queued += max(0, int(unfinished_rows.get(model) or 0) - running_rows.get(model, 0))
+            held = running.get((model, lane), 0)
+            queues[queue_name(model, lane)] = {"waiting": queued, "reserved": held, "requests": queued + held}
     return {"backlog": sum(q["requests"] for q in queues.values()), "queues": queues}
 
 
-def reserved_requests(session, models):
-    """``{(model, lane): requests running}`` for ``models``.
-
-    A tribunal's own row is not work for an engine (its steps are), so it is
-    left out.
-    """
-    query = (
-        select(Job.model, Job.lane, func.count())
-        .where(Job.status == "running", Job.model.in_(models), Job.kind != "tribunal")
-        .group_by(Job.model, Job.lane)
-    )
-    return {(model, lane): count for model, lane, count in session.execute(query)}
+def _count_by_lane(session, query):
+    return {(model, lane): count for model, lane, count in session.execute(query.group_by(Job.model, Job.lane))}

@@ -9,7 +9,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -73,7 +73,10 @@ class Batch(Base):
     """
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_owner_id_id", "owner_id", "id"),)
+    __table_args__ = (
+        Index("ix_batches_owner_id_id", "owner_id", "id"),
+        Index("ix_batches_model_status", "model", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
@@ -95,8 +98,19 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+#: A queued job that is carried by a message of its own (not a batch row, not
+#: a tribunal, whose steps are the jobs that run).
+WAITING_ALONE = "status = 'queued' AND batch_id IS NULL AND kind != 'tribunal'"
+
+
 class Job(Base):
-    """One unit of inference work, and the source of truth for its state."""
+    """One unit of inference work, and the source of truth for its state.
+
+    A queued job outside a batch is also its own outbox entry:
+    ``dispatched_at`` is null until a message carrying it has gone to the
+    broker (``queue_engine.dispatch``). Batch rows travel in chunks, whose
+    outbox is :class:`BatchChunk`.
+    """
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -106,6 +120,10 @@ class Job(Base):
         Index("ix_jobs_batch_row", "batch_id", "row_index", unique=True),
         Index("ix_jobs_batch_chunk", "batch_id", "chunk"),
         Index("ix_jobs_parent_id", "parent_id"),
+        # The jobs that travel one message each (single jobs, tribunal steps)
+        # while they wait: what the dispatcher sends and counts.
+        Index("ix_jobs_waiting", "model", "dispatched_at",
+              sqlite_where=text(WAITING_ALONE), postgresql_where=text(WAITING_ALONE)),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -140,9 +158,34 @@ class Job(Base):
         doc="the tribunal this step belongs to (kind tribunal_step)")
     step: Mapped[str | None] = mapped_column(String(20), doc="candidate, critique, revision or single_pass")
     tribunal: Mapped[dict | None] = mapped_column(JSON, doc="a tribunal's request and trace (kind tribunal)")
+    dispatched_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="when a message carrying this job went to the broker; null while it needs one")
+    retry_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="a queued job's message is not sent before this (the delay of a retry)")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class BatchChunk(Base):
+    """The rows of a batch that one bulk-lane message carries: the bulk lane's outbox.
+
+    ``state`` says where the message is: ``pending`` (it needs sending, not
+    before ``retry_at``), ``sent`` (the broker holds it), ``taken`` (a worker
+    claimed the rows), ``dropped`` (the batch was cancelled before it ran).
+    See ``queue_engine/dispatch.py``.
+    """
+
+    __tablename__ = "batch_chunks"
+    __table_args__ = (Index("ix_batch_chunks_state", "state", "model", "dispatched_at"),)
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_batch_chunks_batch_id_batches"), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="when its message last went to the broker")
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="a pending chunk is not sent before this")
 
 
 class WebhookEvent(Base):
@@ -223,6 +266,8 @@ class WorkerAllocation(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     serving_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    kill_requested_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="when a stop that did not end in time was escalated to SIGKILL")
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     exit_reason: Mapped[str | None] = mapped_column(Text)
 
@@ -244,3 +289,15 @@ class ScalingState(Base):
     action: Mapped[str] = mapped_column(String(16), default="hold", doc="up, down, hold or wait")
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LeaderLease(Base):
+    """Which process acts for a role that only one may hold at a time (the
+    autoscaler of a deployment), and until when, unless it renews."""
+
+    __tablename__ = "leader_leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

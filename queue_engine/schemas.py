@@ -277,7 +277,8 @@ class ModelStatus(BaseModel):
     model: str
     backlog: int = Field(description="requests waiting or running, both lanes")
     in_flight: int = Field(description="requests workers are running now")
-    queues: dict[str, dict[str, int]] = Field(description="per queue: waiting (messages), reserved and requests")
+    queues: dict[str, dict[str, int]] = Field(
+        description="per lane's queue: requests waiting, reserved (running) and both together, read from the database")
     workers: WorkerCounts
     slurm: bool = Field(description="whether the profile has a [models.X.slurm] table (scales out)")
     scaling: ScalingOut | None = Field(description="null until the autoscaler has decided for this model")
@@ -298,5 +299,6 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="degraded: the broker is down, work is still accepted and stored; unavailable: the database is down")
     checks: dict[str, str] = Field(default_factory=dict)

@@ -153,6 +153,17 @@ class AutoscalerSettings(_Frozen):
     command_timeout: float = Field(30.0, gt=0, description="seconds before a SLURM command counts as failed")
 
 
+class DispatcherSettings(_Frozen):
+    """How the dispatcher in ``serve`` keeps the broker in step with the
+    database (``queue_engine/dispatch.py``, ``workers/dispatcher.py``)."""
+
+    interval: float = Field(0.25, gt=0, description="seconds between looks for work that needs a message")
+    check_interval: float = Field(
+        2.0, gt=0,
+        description="seconds between checks of the broker (lost data, lost messages) and of expired leases")
+    page: int = Field(1000, ge=1, description="most messages one look sends")
+
+
 def default_data_dir(environ=os.environ):
     """``$XDG_DATA_HOME/queue-engine``, i.e. ``~/.local/share/queue-engine``."""
     base = environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -178,13 +189,22 @@ class Settings(_Frozen):
     max_attempts: int = Field(3, ge=1, description="tries per job before it fails")
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; renewed by its worker")
     visibility_timeout: float = Field(
-        300.0, gt=0,
-        description="seconds before Redis redelivers an unacknowledged message (a dead worker's); leases make early redelivery safe",
+        3600.0, gt=0,
+        description="seconds before Redis hands out an unacknowledged message again; recovery does not wait for it "
+                    "(the dispatcher re-sends a dead worker's work once its lease expires)",
     )
+    database_retry_seconds: float = Field(
+        300.0, gt=0,
+        description="how long a worker keeps retrying a write it must not lose (a finished generation) "
+                    "while the database is unreachable")
     retry_delay: float = Field(2.0, ge=0, description="seconds before a failed engine call is retried")
     batches: BatchSettings = Field(default_factory=BatchSettings)
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    faults: list[str] = Field(
+        default_factory=list,
+        description="for tests only: named points (e.g. after_commit) where the process kills itself")
     models: dict[str, ModelProfile] = Field(default_factory=_default_models)
 
     @field_validator("models")
@@ -245,9 +265,9 @@ class Settings(_Frozen):
 
 
 #: Environment variables holding lists, as comma-separated text.
-_LIST_FIELDS = {"webhook_allow", "webhook_retry_delays"}
+_LIST_FIELDS = {"webhook_allow", "webhook_retry_delays", "faults"}
 #: Top-level fields that cannot be set from the environment (tables).
-_TABLE_FIELDS = {"batches", "tribunal", "autoscaler", "models"}
+_TABLE_FIELDS = {"batches", "tribunal", "autoscaler", "dispatcher", "models"}
 
 
 def load_settings(environ=None, **overrides):

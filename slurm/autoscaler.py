@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from kombu import Connection
-
 from queue_engine import allocations, load, scaling
 from queue_engine.db import transaction
 from queue_engine.models import utcnow
@@ -69,9 +67,8 @@ class Autoscaler:
         for job in found:
             if job.comment in ("", job_comment(self.deployment, self.job_names[job.name])):
                 jobs.setdefault(self.job_names[job.name], {})[job.job_id] = job
-        with Connection(self.settings.broker_url) as broker:
-            for model in self.models:
-                self.scale(model, jobs.get(model, {}), broker.default_channel)
+        for model in self.models:
+            self.scale(model, jobs.get(model, {}))
 
     def record_blind(self, why):
         """Say in every model's standing why no decision could be made."""
@@ -80,14 +77,14 @@ class Autoscaler:
                 state = allocations.scaling_state(session, self.deployment, model)
                 state.action, state.reason, state.decided_at = "wait", why, utcnow()
 
-    def scale(self, model, slurm_jobs, channel):
+    def scale(self, model, slurm_jobs):
         """Sync ``model``'s allocations with ``slurm_jobs``, decide, act, record."""
         slurm_profile = self.models[model]
         with transaction(self.sessions) as session:
             now = utcnow()
             state = allocations.scaling_state(session, self.deployment, model)
             active = self.sync(session, model, slurm_jobs, state)
-            backlog = load.read_backlog(session, channel, [model], self.settings.batches.chunk_rows)["backlog"]
+            backlog = load.read_backlog(session, [model])["backlog"]
             state.idle_since = (state.idle_since or now) if backlog == 0 else None
             workers = [a for a in active if a.state != "stopping"]
             retry_in = (state.retry_at - now).total_seconds() if state.retry_at else 0.0

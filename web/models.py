@@ -2,11 +2,10 @@
 
 from flask import Blueprint, current_app
 
-from queue_engine import allocations
+from queue_engine import allocations, load
 
 from .auth import require_api_key
 from .db import get_session
-from .queueing import read_backlog
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1")
 bp.before_request(require_api_key)
@@ -16,4 +15,4 @@ bp.before_request(require_api_key)
 def list_models():
     settings = current_app.extensions["qe_settings"]
     session = get_session()
-    return allocations.models_status(session, settings, read_backlog(session, list(settings.models)))
+    return allocations.models_status(session, settings, load.read_backlog(session, list(settings.models)))

@@ -43,7 +43,7 @@ def submit_tribunal(request_body, idempotency_key=None):
     check_webhook_url(request_body, settings)
     readings = None
     if request_body.bypass == "auto":
-        readings = read_backlog(session, tribunal.models_of(request_body))
+        readings = load.read_backlog(session, tribunal.models_of(request_body))
     decision = tribunal.decide(request_body.bypass, readings, settings.tribunal.bypass_backlog)
     job, steps, created = tribunal.create_tribunal(
         session, g.api_key.id, request_body, settings, decision, idempotency_key)
@@ -64,18 +64,6 @@ def check_webhook_url(request_body, settings):
     """Refuse a ``webhook_url`` the service may not call (``queue_engine.targets``)."""
     if request_body.webhook_url:
         targets.check_url(request_body.webhook_url, settings.webhook_networks)
-
-
-def read_backlog(session, models):
-    """The backlog of ``models``' queues (``queue_engine.load``), or a 503."""
-    celery = current_app.extensions["celery"]
-    try:
-        with celery.pool.acquire(block=True) as connection:
-            connection.ensure_connection(max_retries=1)
-            return load.read_backlog(session, connection.default_channel, models,
-                                     current_app.extensions["qe_settings"].batches.chunk_rows)
-    except BROKER_ERRORS as e:
-        raise _broker_unavailable(e) from e
 
 
 def submit_batch(request_body, file):

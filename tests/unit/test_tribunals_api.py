@@ -1,8 +1,9 @@
 """``POST /api/v1/tribunals`` over the Flask test client, with a fakeredis broker:
 validation, the first steps on the queues, and the bypass decision read from
-the queues. Every answer is checked against the OpenAPI document."""
+the backlog the database holds. Every answer is checked against the OpenAPI document."""
 
 import base64
+import io
 import json
 
 import pytest
@@ -40,6 +41,14 @@ def queued_job_ids(broker, model):
     return sorted(json.loads(base64.b64decode(m["body"]))[0][0] for m in messages)
 
 
+def queue_rows(client, auth, model, count):
+    """A batch of ``count`` rows for ``model``: a backlog of ``count`` bulk requests."""
+    data = io.BytesIO(("prompt\n" + "".join(f"row {i}\n" for i in range(count))).encode())
+    response = client.post("/api/v1/batches", headers=auth,
+                           data={"model": model, "file": (data, "rows.csv")}, content_type="multipart/form-data")
+    assert response.status_code == 202
+
+
 def test_a_tribunal_is_a_job_whose_candidates_go_to_their_models_queues(client, app, auth, broker, spec):
     response = post_tribunal(client, auth, {**BODY, "bypass": "never"})
     assert response.status_code == 202
@@ -59,20 +68,20 @@ def test_a_tribunal_is_a_job_whose_candidates_go_to_their_models_queues(client, 
 
 
 def test_auto_reads_the_queues_and_runs_in_full_when_they_are_quiet(client, auth, broker, spec):
-    broker.lpush(keys.queue_name("tiny", "bulk"), "{}")  # one chunk: 64 rows, under the threshold of 100
+    queue_rows(client, auth, "tiny", 64)  # under the threshold of 100
     job = post_tribunal(client, auth, BODY).get_json()
     trace = job["tribunal"]
     assert (trace["bypass"], trace["bypassed"], trace["reason"]) == ("auto", False, None)
     assert trace["readings"]["backlog"] == 64 and trace["readings"]["threshold"] == 100
-    assert trace["readings"]["queues"]["qe.tiny.bulk"] == {"waiting": 1, "reserved": 0, "requests": 64}
+    assert trace["readings"]["queues"]["qe.tiny.bulk"] == {"waiting": 64, "reserved": 0, "requests": 64}
     assert set(trace["readings"]["queues"]) == {
         "qe.tiny.interactive", "qe.tiny.bulk", "qe.tiny-b.interactive", "qe.tiny-b.bulk"}
     assert len(queued_job_ids(broker, "tiny")) == 2
 
 
 def test_auto_bypasses_when_the_backlog_is_over_the_threshold(client, auth, broker, spec):
-    """Two bulk chunks (128 rows) on the judge's queue: one step, on the first candidate's model."""
-    broker.lpush(keys.queue_name("tiny-b", "bulk"), "{}", "{}")
+    """128 batch rows waiting for the judge's model: one step, on the first candidate's model."""
+    queue_rows(client, auth, "tiny-b", 128)
     response = post_tribunal(client, auth, BODY)
     trace = assert_matches_openapi(spec, "/api/v1/tribunals", "post", response)["tribunal"]
     assert trace["bypassed"] is True
@@ -83,8 +92,7 @@ def test_auto_bypasses_when_the_backlog_is_over_the_threshold(client, auth, brok
 
 
 def test_always_bypasses_and_never_ignores_the_backlog(client, auth, broker):
-    for _ in range(10):
-        broker.lpush(keys.queue_name("tiny", "bulk"), "{}")
+    queue_rows(client, auth, "tiny", 640)
     always = post_tribunal(client, auth, {**BODY, "bypass": "always"}).get_json()["tribunal"]
     assert always["bypassed"] and "always" in always["reason"] and always["readings"] is None
     never = post_tribunal(client, auth, {**BODY, "bypass": "never"}).get_json()["tribunal"]
@@ -100,7 +108,7 @@ def test_bypasses_are_counted_in_the_metrics(client, auth, broker):
     before = {run: count(run) for run in ("full", "bypassed_under_load", "bypassed_on_request")}
     post_tribunal(client, auth, {**BODY, "bypass": "always"})
     post_tribunal(client, auth, BODY)
-    broker.lpush(keys.queue_name("tiny", "bulk"), "{}", "{}")
+    queue_rows(client, auth, "tiny", 128)
     post_tribunal(client, auth, BODY)
     after = {run: count(run) for run in before}
     assert {run: after[run] - before[run] for run in before} == {
