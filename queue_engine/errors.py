@@ -11,11 +11,29 @@ class InvalidRequestError(QueueEngineError):
     """The caller sent something we cannot accept; the message says what."""
 
     code = "invalid_request"
+    #: The field at fault, where one is known (answered as ``error.param``).
+    param = None
 
-    def __init__(self, message, code=None):
+    def __init__(self, message, code=None, param=None):
         super().__init__(message)
         if code:
             self.code = code
+        if param:
+            self.param = param
+
+
+class InvalidJsonError(InvalidRequestError):
+    """JSON text that cannot be read, or that holds a value no field may hold.
+
+    ``problem`` says what is wrong and ``param`` where (``messages.0.content``),
+    so a caller reading a file can report both beside the line number.
+    """
+
+    code = "invalid_json"
+
+    def __init__(self, problem, param=None, code=None):
+        super().__init__(f"{param}: {problem}" if param else problem, code, param)
+        self.problem = problem
 
 
 class AuthenticationError(QueueEngineError):
@@ -62,7 +80,7 @@ class InvalidFileError(InvalidRequestError):
         where = f"line {line}" if line is not None else ""
         if column is not None:
             where += f"{', ' if where else ''}column {column!r}"
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(f"{where}: {message}" if where else message, param="file")
         self.line, self.column = line, column
 
 
@@ -82,12 +100,6 @@ class SettingsError(QueueEngineError):
     """The configuration (TOML file or environment) is wrong."""
 
     code = "bad_settings"
-
-
-class BrokerUnavailableError(QueueEngineError):
-    """The message broker could not take the job; nothing was stored."""
-
-    code = "broker_unavailable"
 
 
 class EngineRejectedError(QueueEngineError):

@@ -1,7 +1,9 @@
 """Writing a batch's results as CSV or JSONL, a few rows at a time.
 
-One line per input row, in input order. CSV cells that a spreadsheet would
-run as a formula are escaped (OWASP's advice: prefix a single quote).
+One record per input row, in input order. CSV cells that a spreadsheet would
+run as a formula are escaped (OWASP's advice: prefix a single quote), and
+every cell holding a line break is quoted, so a spreadsheet reads exactly one
+record per row.
 """
 
 import csv
@@ -30,7 +32,10 @@ def error_text(row):
 def csv_pieces(rows, id_header):
     """Yield the CSV results in pieces of text: a header, then one line per row."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # The csv module quotes a cell only for the characters of its line
+    # terminator: with "\n" alone, a lone "\r" went out unquoted and split
+    # the row in spreadsheets. RFC 4180's "\r\n" quotes both.
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow([escape_cell(id_header), *CSV_COLUMNS])
     for count, row in enumerate(rows, start=1):
         writer.writerow([

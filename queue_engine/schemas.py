@@ -2,36 +2,65 @@
 
 The web layer validates with these and the OpenAPI document is generated
 from them, so the contract and the checks cannot drift apart.
+
+Every entry point reads JSON text with :func:`queue_engine.inputs.read_json`,
+which refuses what no field may hold (deep nesting, ``NaN``, NUL characters,
+unpaired surrogates); then the models check each field strictly: ``"5"`` is
+not a number, ``true`` is not an integer and ``1`` is not a string.
 """
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .inputs import check_not_blank, check_text
 
 Lane = Literal["interactive", "bulk"]
 
+#: vLLM seeds a torch generator with it, which takes 64 bits; a tribunal adds its candidates' numbers.
+MAX_SEED = 2**63 - 1
+#: A bound for sanity; the model's context length, checked with the settings, is the real limit.
+MAX_TOKENS_CEILING = 2**31 - 1
+
+
+def text_type(**constraints):
+    """A string type that :func:`~queue_engine.inputs.check_text` guards, with pydantic's ``Field`` ``constraints``.
+
+    The constraints sit on the string itself, before the check: added on
+    top of a validator they would read "at most 64 items after validation".
+    """
+    return Annotated[str, Field(**constraints), BeforeValidator(check_text)]
+
+
+#: Text with more than white space in it: a prompt, a message.
+NonBlankText = Annotated[text_type(json_schema_extra={"pattern": r"\S"}), AfterValidator(check_not_blank)]
+#: A model profile's or a CSV column's name.
+Name = text_type(min_length=1, max_length=200)
+WebhookUrl = text_type(max_length=2048,
+                       json_schema_extra={"format": "uri", "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]"})
+Metadata = dict[text_type(max_length=64), text_type(max_length=512)]
+
+
+# --- requests ---------------------------------------------------------------------
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON's "5" is not 5, true is not 1, and 1 is not "1".
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Params(_Strict):
     """Sampling parameters. Unknown keys are refused."""
 
-    max_tokens: int = Field(256, ge=1, description="tokens to generate, at most the model's context length")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | None = Field(None, max_length=16, description="strings that end generation")
-    seed: int | None = Field(None, description="makes sampling reproducible")
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, stop):
-        if stop is not None and any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
-        return stop
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_CEILING,
+                            description="tokens to generate, at most the model's context length")
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: list[text_type(min_length=1)] | None = Field(
+        None, max_length=16, description="strings that end generation")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
 
 
 MESSAGE_ROLES = ("system", "user", "assistant")
@@ -39,14 +68,20 @@ MESSAGE_ROLES = ("system", "user", "assistant")
 
 class Message(_Strict):
     role: Literal[MESSAGE_ROLES]
-    content: str = Field(min_length=1)
+    content: NonBlankText
+
+
+#: Stated in the OpenAPI document; ``_check_prompt_or_messages`` enforces it.
+#: A null prompt or messages counts as absent, as the server reads it.
+ONE_INPUT = {"oneOf": [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+]}
 
 
 def _check_prompt_or_messages(request):
     if (request.prompt is None) == (request.messages is None):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
-    if request.prompt is not None and not request.prompt.strip():
-        raise ValueError("prompt: must not be empty")
     return request
 
 
@@ -58,29 +93,22 @@ def _check_http_url(url):
     return url
 
 
-def _check_metadata(metadata):
-    for key, value in (metadata or {}).items():
-        if len(key) > 64 or len(value) > 512:
-            raise ValueError("keys are at most 64 characters and values at most 512")
-    return metadata
-
-
 class JobCreate(_Strict):
     """The body of ``POST /api/v1/jobs``."""
 
-    model: str = Field(min_length=1, max_length=200, description="a configured model profile")
-    prompt: str | None = Field(None, description="plain text prompt; or give messages")
+    model_config = ConfigDict(json_schema_extra=ONE_INPUT)
+
+    model: Name = Field(description="a configured model profile")
+    prompt: NonBlankText | None = Field(None, description="plain text prompt; or give messages")
     messages: list[Message] | None = Field(None, min_length=1, max_length=256, description="chat messages")
     params: Params = Field(default_factory=Params)
-    webhook_url: str | None = Field(None, max_length=2048, description="called when the job ends")
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
+    webhook_url: WebhookUrl | None = Field(None, description="called when the job ends")
+    metadata: Metadata | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
     priority: Lane = Field("interactive", description="the lane: interactive (default) or bulk")
 
     _one_input = model_validator(mode="after")(_check_prompt_or_messages)
 
     _http_only = field_validator("webhook_url")(_check_http_url)
-
-    _bounded_metadata = field_validator("metadata")(_check_metadata)
 
 
 BypassMode = Literal["auto", "never", "always"]
@@ -89,22 +117,22 @@ BypassMode = Literal["auto", "never", "always"]
 class TribunalCreate(_Strict):
     """The body of ``POST /api/v1/tribunals``."""
 
-    prompt: str | None = Field(None, description="plain text prompt; or give messages")
+    model_config = ConfigDict(json_schema_extra=ONE_INPUT)
+
+    prompt: NonBlankText | None = Field(None, description="plain text prompt; or give messages")
     messages: list[Message] | None = Field(None, min_length=1, max_length=256, description="chat messages")
-    candidates: list[str] = Field(
+    candidates: list[Name] = Field(
         min_length=1, description="a model profile per candidate answer; a model may appear more than once")
-    judge: str = Field(min_length=1, max_length=200, description="the model that critiques the candidates")
-    reviser: str | None = Field(None, min_length=1, max_length=200, description="writes the final answer; default the judge")
+    judge: Name = Field(description="the model that critiques the candidates")
+    reviser: Name | None = Field(None, description="writes the final answer; default the judge")
     bypass: BypassMode = Field("auto", description="auto: a single pass when the queues are backed up")
     params: Params = Field(default_factory=Params, description="sampling parameters of every step")
-    webhook_url: str | None = Field(None, max_length=2048, description="called when the tribunal ends")
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
+    webhook_url: WebhookUrl | None = Field(None, description="called when the tribunal ends")
+    metadata: Metadata | None = Field(None, max_length=16, description="up to 16 string pairs, kept with the job")
 
     _one_input = model_validator(mode="after")(_check_prompt_or_messages)
 
     _http_only = field_validator("webhook_url")(_check_http_url)
-
-    _bounded_metadata = field_validator("metadata")(_check_metadata)
 
 
 class CandidateTrace(BaseModel):
@@ -174,14 +202,14 @@ BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "f
 class BatchCreate(_Strict):
     """The form fields of ``POST /api/v1/batches`` (the file comes beside them)."""
 
-    model: str = Field(min_length=1, max_length=200, description="a configured model profile")
-    prompt_column: str = Field("prompt", min_length=1, max_length=200, description="CSV column holding the prompt")
-    id_column: str | None = Field(
-        None, min_length=1, max_length=200,
-        description="CSV column holding each row's unique id (default 'id'; without one, rows are numbered from 1)")
-    delimiter: str | None = Field(None, min_length=1, max_length=1, description="CSV delimiter; sniffed when omitted")
+    model: Name = Field(description="a configured model profile")
+    prompt_column: Name = Field("prompt", description="CSV column holding the prompt")
+    id_column: Name | None = Field(
+        None, description="CSV column holding each row's unique id (default 'id'; without one, rows are numbered from 1)")
+    delimiter: text_type(min_length=1, max_length=1) | None = Field(
+        None, description="CSV delimiter; sniffed when omitted")
     params: Params = Field(default_factory=Params, description="sampling parameters for every row (JSON text)")
-    webhook_url: str | None = Field(None, max_length=2048, description="called when the batch ends")
+    webhook_url: WebhookUrl | None = Field(None, description="called when the batch ends")
 
     _http_only = field_validator("webhook_url")(_check_http_url)
 

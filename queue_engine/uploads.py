@@ -3,11 +3,12 @@
 Problems come at two levels, as in OpenAI's batches:
 
 - a problem with the *file* (not CSV/JSONL, not UTF-8, no header, no prompt
-  column, broken quoting, a duplicate id, over a limit) raises
+  column, broken quoting, a duplicate id, over a limit, a NUL character or
+  an unpaired surrogate anywhere, a value of the wrong type) raises
   :class:`~queue_engine.errors.InvalidFileError` naming the line and column;
   the caller refuses the whole upload and keeps nothing;
-- a problem with one *row* (an empty prompt, a prompt over the limit) comes
-  back as that row's ``error``: the row fails and the others run.
+- a problem with one *row* (an empty prompt or message, a prompt over the
+  limit) comes back as that row's ``error``: the row fails and the others run.
 
 The file is read as a stream, so its size costs no memory; only the set of
 ids seen so far grows with it (to refuse duplicates).
@@ -16,12 +17,12 @@ ids seen so far grows with it (to refuse duplicates).
 import codecs
 import csv
 import itertools
-import json
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from .errors import InvalidFileError
+from .errors import InvalidFileError, InvalidJsonError
+from .inputs import format_location, read_json, text_problem
 from .schemas import MESSAGE_ROLES, Params
 
 CSV_DELIMITERS = (",", ";", "\t", "|")
@@ -152,9 +153,9 @@ class _Reader:
             raise InvalidFileError(f"duplicate id {custom_id!r}; ids must be unique within a file", line, column)
         self._seen_ids.add(custom_id)
 
-    def _prompt_error(self, text):
+    def _prompt_error(self, text, field="the prompt"):
         if not text or text.isspace():
-            return ("empty_prompt", "the prompt is empty")
+            return ("empty_prompt", f"{field} is empty")
         if len(text) > self.upload.max_prompt_chars:
             return ("prompt_too_long",
                     f"the prompt has {len(text)} characters; the limit is {self.upload.max_prompt_chars}")
@@ -182,7 +183,7 @@ class CsvReader(_Reader):
         # A field longer than this is a quote left open, not a prompt.
         csv.field_size_limit(max(upload.max_prompt_chars * 4, 1 << 20))
         self._reader = reader = csv.reader(itertools.chain([header_line], self.lines), delimiter=delimiter, strict=True)
-        header = [name.strip() for name in self._next_record()]
+        header = [name.strip() for name in self._checked(self._next_record(), None)]
         prompt_at = self._column(header, upload.prompt_column, "prompt_column")
         if upload.id_column in header:
             id_at = header.index(upload.id_column)
@@ -193,6 +194,7 @@ class CsvReader(_Reader):
             self.id_header = "row"
         for record in iter(self._next_record, None):
             line = reader.line_num
+            self._checked(record, header)
             if not any(record):
                 continue
             if len(record) != len(header):
@@ -219,6 +221,16 @@ class CsvReader(_Reader):
         except csv.Error as e:
             raise InvalidFileError(f"cannot read the CSV record that starts on this line ({e}); check the quoting",
                                    starts_on) from None
+
+    def _checked(self, record, header):
+        """``record`` once every cell holds storable text (``text_problem``);
+        cells are named by the ``header``, or numbered in the header itself."""
+        for number, cell in enumerate(record):
+            problem = text_problem(cell)
+            if problem:
+                column = header[number] if header and number < len(header) else number + 1
+                raise InvalidFileError(problem, self._reader.line_num, column)
+        return record
 
     @staticmethod
     def _column(header, name, field):
@@ -257,9 +269,9 @@ class JsonlReader(_Reader):
 
     def _row(self, raw, line):
         try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InvalidFileError(f"not valid JSON ({e.msg} at character {e.colno})", line) from None
+            item = read_json(raw)
+        except InvalidJsonError as e:
+            raise InvalidFileError(e.problem, line, e.param) from None
         if not isinstance(item, dict):
             raise InvalidFileError("each line must be a JSON object with custom_id and body", line)
         custom_id = item.get("custom_id")
@@ -281,7 +293,7 @@ class JsonlReader(_Reader):
         row = Row(index, line, custom_id, params=self._params(body, line))
         if "messages" in body:
             row.messages = self._messages(body["messages"], line)
-            row.error = self._prompt_error(row.text)
+            row.error = self._messages_error(row)
         elif isinstance(body.get("prompt"), str):
             row.prompt = body["prompt"]
             row.error = self._prompt_error(row.prompt)
@@ -304,27 +316,43 @@ class JsonlReader(_Reader):
             params = Params.model_validate({**self.upload.batch_params, **overrides})
         except ValidationError as e:
             problem = e.errors()[0]
-            field = ".".join(str(part) for part in problem["loc"])
-            raise InvalidFileError(problem["msg"], line, f"body.{field}") from None
+            raise InvalidFileError(problem["msg"], line, f"body.{format_location(problem['loc'])}") from None
         if params.max_tokens > self.upload.max_tokens_limit:
             raise InvalidFileError(
                 f"max_tokens {params.max_tokens} is above model {self.upload.model!r}'s limit of "
                 f"{self.upload.max_tokens_limit}", line, "body.max_tokens")
         return {name: getattr(params, name) for name in overrides}
 
+    def _messages_error(self, row):
+        for number, message in enumerate(row.messages):
+            if not message["content"] or message["content"].isspace():
+                return self._prompt_error("", f"body.messages.{number}.content")
+        return self._prompt_error(row.text)
+
     @staticmethod
     def _messages(messages, line):
         if not isinstance(messages, list) or not messages:
             raise InvalidFileError("body.messages must be a non-empty list", line, "body.messages")
-        return [_message(message, line) for message in messages]
+        return [_message(message, line, f"body.messages.{number}") for number, message in enumerate(messages)]
 
 
-def _message(message, line):
-    """A chat message as ``{role, content}``; OpenAI content parts become their text."""
-    content = message.get("content") if isinstance(message, dict) else None
+def _message(message, line, field):
+    """A chat message as ``{role, content}``; OpenAI's text content parts are joined into one text.
+
+    Raises:
+        InvalidFileError: naming ``field`` (``body.messages.0``) or the part of it that is wrong.
+    """
+    if not isinstance(message, dict):
+        raise InvalidFileError("each message must be an object with a role and content", line, field)
+    if message.get("role") not in MESSAGE_ROLES:
+        raise InvalidFileError(f"the role must be one of {', '.join(MESSAGE_ROLES)}", line, f"{field}.role")
+    content = message.get("content")
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
-    if not isinstance(content, str) or message.get("role") not in MESSAGE_ROLES:
-        raise InvalidFileError(
-            f"each message needs a role ({', '.join(MESSAGE_ROLES)}) and text content", line, "body.messages")
+        for number, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InvalidFileError('only text parts are supported: {"type": "text", "text": "..."}',
+                                       line, f"{field}.content.{number}")
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise InvalidFileError("the content must be text, or a list of text parts", line, f"{field}.content")
     return {"role": message["role"], "content": content}

@@ -1,16 +1,15 @@
 """``/api/v1/batches``: upload a file of prompts, follow it, read its results, cancel it."""
 
-import json
-
 from flask import Blueprint, Response, current_app, g, request, url_for
 
 from queue_engine import batches, results
 from queue_engine.errors import InvalidRequestError
+from queue_engine.inputs import read_json, text_problem
 from queue_engine.schemas import BatchCreate
 
 from .auth import require_api_key
 from .db import get_session
-from .jobs import query_int
+from .jobs import query_int, query_text
 from .queueing import submit_batch
 
 bp = Blueprint("batches", __name__, url_prefix="/api/v1")
@@ -21,21 +20,33 @@ def batch_form():
     """The form fields as a validated :class:`BatchCreate` (``params`` is JSON text)."""
     fields = dict(request.form)
     if "params" in fields:
-        try:
-            fields["params"] = json.loads(fields["params"]) if fields["params"].strip() else {}
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"params: not valid JSON ({e.msg}); send an object such as "
-                                      '{"max_tokens": 64}') from None
+        fields["params"] = read_json(fields["params"], "params") if fields["params"].strip() else {}
     return BatchCreate.model_validate(fields)
+
+
+def uploaded_file():
+    """The multipart ``file`` part, or a 400 that says what to send."""
+    if request.mimetype != "multipart/form-data":
+        raise InvalidRequestError(
+            f"send the upload as multipart/form-data with the file in the field 'file' "
+            f"(this request's Content-Type is {request.mimetype or 'missing'!r})", "invalid_content_type")
+    file = request.files.get("file")
+    if file is None:
+        # Werkzeug drops the whole form when a part's name or file name is not UTF-8.
+        unread = "" if request.form else " (no field could be read: are the field names and the file name UTF-8?)"
+        raise InvalidRequestError(f"file: attach the CSV or JSONL file as the multipart field 'file'{unread}",
+                                  "missing_file", "file")
+    problem = file.filename and text_problem(file.filename)
+    if problem:
+        raise InvalidRequestError(f"file: the file name {problem}", param="file")
+    return file
 
 
 @bp.post("/batches")
 def create_batch():
     # Uploads may be far larger than JSON bodies; the file part is spooled to disk.
     request.max_content_length = current_app.extensions["qe_settings"].batches.max_bytes
-    file = request.files.get("file")
-    if file is None:
-        raise InvalidRequestError("file: attach the CSV or JSONL file as the multipart field 'file'", "missing_file")
+    file = uploaded_file()
     batch = submit_batch(batch_form(), file)
     return batches.batch_to_dict(batch), 202, {"Location": url_for(".get_batch", batch_id=batch.id)}
 
@@ -43,7 +54,7 @@ def create_batch():
 @bp.get("/batches")
 def list_batches():
     page, next_cursor = batches.list_batches(
-        get_session(), g.api_key.id, limit=query_int("limit", 20), cursor=request.args.get("cursor"),
+        get_session(), g.api_key.id, limit=query_int("limit", 20), cursor=query_text("cursor"),
     )
     return {"data": [batches.batch_to_dict(batch) for batch in page], "next_cursor": next_cursor}
 

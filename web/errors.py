@@ -1,17 +1,25 @@
 """Every error becomes ``{error: {code, message}}`` with the right HTTP status.
 
-Views never catch domain errors; this module maps them.
+Views never catch domain errors; this module maps them. A database that
+cannot be reached is a 503, never a 500. (A broker that cannot be reached is
+no error at all: the work waits in the database.)
 """
 
 import logging
 
 from flask import jsonify, request
 from pydantic import ValidationError
+from sqlalchemy import exc as sql_errors
 from werkzeug.exceptions import HTTPException
 
 from queue_engine import errors, webhooks
+from queue_engine.inputs import format_location
 
 log = logging.getLogger(__name__)
+
+#: Database errors that mean "cannot reach it now", not "this request is wrong".
+DATABASE_DOWN = (sql_errors.OperationalError, sql_errors.InterfaceError, sql_errors.DisconnectionError,
+                 sql_errors.TimeoutError)
 
 #: The first matching class wins, so subclasses come before their bases.
 STATUS_FOR = {
@@ -22,7 +30,6 @@ STATUS_FOR = {
     errors.BatchFinishedError: 409,
     errors.IdempotencyConflictError: 409,
     webhooks.NoWebhookEventError: 409,
-    errors.BrokerUnavailableError: 503,
 }
 
 
@@ -37,10 +44,13 @@ def describe_validation_error(error):
     """``(message, first field)`` for a pydantic error, in words a user can act on."""
     problems, fields = [], []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        loc = item["loc"]
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
+        if loc[-1:] == ("[key]",):  # a dict key: name the dict, show the key
+            loc, message = loc[:-2], f"the key {loc[-2]!r}: {message}"
+        location = format_location(loc)
         problems.append(f"{location}: {message}" if location else message)
         fields.append(location or None)
     return "; ".join(problems), fields[0]
@@ -57,12 +67,31 @@ def handle_validation_error(error):
 
 
 def handle_http_error(error):
+    """Werkzeug's own errors (no such path, wrong method, too large) as JSON,
+    keeping their headers (a 405's ``Allow``)."""
     code = error.name.lower().replace(" ", "_")
     message = error.description
-    if error.code == 413:
+    headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
+    if error.code == 404:
+        message = f"there is nothing at {request.path!r}; the API is described at /api/v1/openapi.json"
+    elif error.code == 405:
+        allowed = ", ".join(sorted(error.valid_methods or ()))
+        message = f"{request.method} is not allowed on {request.path!r}; use {allowed}"
+    elif error.code == 413:
         setting = "batches.max_bytes" if request.endpoint == "batches.create_batch" else "max_body_bytes"
         message = f"the request body is larger than this server accepts ({request.max_content_length} bytes, {setting})"
-    return error_response(error.code, code, message)
+    body, status = error_response(error.code, code, message)
+    return body, status, headers
+
+
+def handle_database_error(error):
+    """503 when the database cannot be reached; any other database error is a bug (500)."""
+    if not (isinstance(error, DATABASE_DOWN) or getattr(error, "connection_invalidated", False)):
+        return handle_unexpected_error(error)
+    cause = getattr(error, "orig", None) or error  # the driver's words, without SQLAlchemy's statement
+    log.warning("database unavailable, answered 503: %s: %s",
+                type(cause).__name__, str(cause).strip().partition("\n")[0])
+    return error_response(503, "database_unavailable", "the database is unavailable right now; try again shortly")
 
 
 def handle_unexpected_error(error):
@@ -74,4 +103,5 @@ def init_app(app):
     app.register_error_handler(errors.QueueEngineError, handle_domain_error)
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(sql_errors.SQLAlchemyError, handle_database_error)
     app.register_error_handler(Exception, handle_unexpected_error)

@@ -4,7 +4,7 @@ requests and shape responses (``queue_engine.schemas``)."""
 from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
-from queue_engine import __version__, schemas
+from queue_engine import __version__, inputs, schemas
 
 bp = Blueprint("openapi", __name__)
 
@@ -33,9 +33,22 @@ def _json(name, description):
 
 
 def _errors(*statuses):
-    words = {400: "invalid request", 401: "missing or invalid API key", 404: "not found (or not yours)",
-             409: "conflict", 413: "body too large", 503: "broker unavailable"}
-    return {str(s): _json("ErrorResponse", words[s]) for s in statuses}
+    """The error answers of an endpoint; 503 always, as every endpoint behind
+    a key reads the database (code ``database_unavailable``)."""
+    words = {400: "invalid request; the message names the field", 401: "missing or invalid API key",
+             404: "not found (or not yours)", 409: "conflict", 413: "body too large",
+             503: "the database cannot be reached (database_unavailable); with the broker down, work is still accepted"}
+    return {str(s): _json("ErrorResponse", words[s]) for s in sorted({*statuses, 503})}
+
+
+#: What every request body is held to, beyond each field's schema.
+INPUT_RULES = (
+    "Bad input is a 400 `{error: {code, message, param}}` naming the field, and changes nothing. "
+    "JSON bodies need `Content-Type: application/json`. Types are strict: `\"5\"` is not a number, "
+    "`true` is not an integer, `1` is not a string. Text never holds NUL characters or unpaired UTF-16 "
+    f"surrogates; JSON nests at most {inputs.MAX_JSON_DEPTH} levels and has no `NaN` or `Infinity`. "
+    "A 405 carries `Allow`."
+)
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -50,7 +63,8 @@ def batch_upload_schema():
     """The multipart form of ``POST /batches``: BatchCreate's fields, ``params`` as JSON text, and the file."""
     form = schemas.BatchCreate.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = {name: field for name, field in form["properties"].items() if name != "params"}
-    properties["params"] = {"type": "string", "description": "sampling parameters for every row, as JSON text"}
+    properties["params"] = {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("Params"),
+                            "description": "sampling parameters for every row, as JSON text"}
     properties["file"] = {"type": "string", "format": "binary", "description": "the CSV or JSONL file"}
     return {"type": "object", "required": ["file", "model"], "properties": properties}
 
@@ -75,7 +89,7 @@ def build_openapi():
     _, definitions = models_json_schema(COMPONENTS, ref_template="#/components/schemas/{model}")
     return {
         "openapi": "3.1.0",
-        "info": {"title": "queue-engine", "version": __version__},
+        "info": {"title": "queue-engine", "version": __version__, "description": INPUT_RULES},
         "components": {
             "schemas": definitions["$defs"],
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -181,8 +195,9 @@ def build_openapi():
                 "get": {
                     "security": [],
                     "responses": {
-                        "200": _json("Health", "database and broker answer"),
-                        "503": _json("Health", "database or broker unreachable"),
+                        "200": _json("Health", "the database answers, so work is accepted; status degraded "
+                                               "when the broker does not (work waits in the database)"),
+                        "503": _json("Health", "the database is unreachable"),
                     },
                 }
             },

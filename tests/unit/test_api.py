@@ -9,10 +9,8 @@ from sqlalchemy import func, select
 
 from queue_engine import keys
 from queue_engine.models import Job
-from queue_engine.settings import load_settings
 from tests.conftest import make_key
-from tests.helpers import assert_matches_openapi, free_port
-from web import create_app
+from tests.helpers import assert_matches_openapi
 
 QUEUE = keys.queue_name("tiny")
 
@@ -87,12 +85,16 @@ def test_bad_job_fields_are_named_and_change_nothing(client, app, auth, broker, 
     assert job_count(app) == 0 and broker.llen(QUEUE) == 0
 
 
-def test_non_json_body_is_refused(client, app, auth, broker):
-    """A body that is not a JSON object is a 400 saying so."""
-    for data in (b"{not json", b"[1, 2]", b""):
-        response = client.post("/api/v1/jobs", data=data, headers={**auth, "Content-Type": "application/json"})
-        assert response.status_code == 400
-        assert response.get_json()["error"] == {"code": "invalid_json", "message": "the request body must be a JSON object"}
+@pytest.mark.parametrize("data, message", [
+    (b"{not json", "not valid JSON (Expecting property name enclosed in double quotes at character 2)"),
+    (b"[1, 2]", "the request body must be a JSON object, not an array"),
+    (b"", "the request body is empty; send a JSON object"),
+])
+def test_non_json_body_is_refused(client, app, auth, broker, data, message):
+    """A body that is not a JSON object is a 400 saying why."""
+    response = client.post("/api/v1/jobs", data=data, headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == {"code": "invalid_json", "message": message}
     assert job_count(app) == 0 and broker.llen(QUEUE) == 0
 
 
@@ -155,22 +157,6 @@ def test_list_jobs_pages_with_cursor(client, auth, spec):
     assert client.get("/api/v1/jobs?status=succeeded", headers=auth).get_json()["data"] == []
     bad = client.get("/api/v1/jobs?limit=500", headers=auth)
     assert bad.status_code == 400 and "limit" in bad.get_json()["error"]["message"]
-
-
-def test_broker_down_is_503_and_stores_nothing(tmp_path, database_url, spec):
-    """If the broker refuses the message, the job row is removed again: 503, nothing half-made."""
-    settings = load_settings(environ={}, data_dir=tmp_path, database_url=database_url,
-                             broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    app = create_app(settings)
-    key, _ = make_key(app.extensions["qe_sessions"], "carol")
-    response = app.test_client().post("/api/v1/jobs", json={"model": "tiny", "prompt": "x"},
-                                      headers={"Authorization": f"Bearer {key.key}"})
-    assert response.status_code == 503
-    assert assert_matches_openapi(spec, "/api/v1/jobs", "post", response)["error"]["code"] == "broker_unavailable"
-    assert job_count(app) == 0
-    ready = app.test_client().get("/readyz")
-    assert ready.status_code == 503 and ready.get_json()["checks"]["database"] == "ok"
-    assert ready.get_json()["checks"]["broker"].startswith("error")
 
 
 def test_health_and_readiness(client, spec):

@@ -156,7 +156,7 @@ def test_an_empty_message_fails_only_its_row():
     ('{"custom_id": "a", "body": {"prompt": "x", "temperature": 9}}', "body.temperature", "less than or equal to 2"),
     ('{"custom_id": "a", "body": {"prompt": "x", "max_tokens": 9999}}', "body.max_tokens", "limit of 512"),
     ('{"custom_id": "a", "body": {"prompt": "x", "model": "other"}}', "body.model", "one model"),
-    ('{"custom_id": "a", "body": {"messages": [{"role": "robot", "content": "x"}]}}', "body.messages", "role"),
+    ('{"custom_id": "a", "body": {"messages": [{"role": "robot", "content": "x"}]}}', "body.messages.0.role", "role"),
 ])
 def test_problems_with_a_jsonl_line_refuse_the_file_naming_line_and_field(text, column, words):
     error = refused(line("ok", prompt="fine") + "\n" + text + "\n", "jsonl")
