@@ -58,7 +58,11 @@ def observe(allocation, kind, slurm_state, node, now=None):
 
 def close(allocation, kind, slurm_state, reason, now=None):
     """The job left the queue: ``kind`` is how it ended (completed, failed,
-    timeout, cancelled), or ``lost`` when SLURM no longer knows it."""
+    timeout, cancelled), or ``lost`` when SLURM no longer knows it. The
+    reason of a job that was killed (:func:`request_kill`) says so first."""
+    if allocation.kill_requested_at is not None:
+        waited = (allocation.kill_requested_at - allocation.stop_requested_at).total_seconds()
+        reason = f"killed after not stopping within {waited:.0f} s of the stop request; {reason}"
     allocation.state = kind
     allocation.slurm_state = slurm_state or allocation.slurm_state
     allocation.ended_at = now or utcnow()
@@ -83,6 +87,28 @@ def served_long_enough(allocation, now=None):
 def request_stop(allocation, now=None):
     allocation.state = "stopping"
     allocation.stop_requested_at = now or utcnow()
+
+
+def should_kill(allocation, stop_grace, now):
+    """Whether a job still in SLURM's queue was told to stop at least
+    ``stop_grace`` seconds before ``now`` and has not been killed yet.
+
+    >>> from datetime import datetime, timezone
+    >>> told = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    >>> stopping = WorkerAllocation(state="stopping", stop_requested_at=told)
+    >>> [should_kill(stopping, 600, told + timedelta(seconds=s)) for s in (599, 600)]
+    [False, True]
+    """
+    if allocation.state != "stopping" or allocation.kill_requested_at is not None:
+        return False
+    return (now - allocation.stop_requested_at).total_seconds() >= stop_grace
+
+
+def request_kill(allocation, now=None):
+    """The job was told to stop and did not: it was cancelled through SLURM
+    (once; :func:`should_kill` is then False). It is still told to stop,
+    so its end does not count as a failed start."""
+    allocation.kill_requested_at = now or utcnow()
 
 
 def register_worker(session, deployment, job_id, node):

@@ -7,6 +7,25 @@ of each (``queue_engine.allocations``) and the last decision, for
 ``GET /api/v1/models``. Jobs are found by name and comment, so an
 autoscaler that restarts adopts the jobs its predecessor left instead of
 submitting more.
+
+Several autoscalers may run for one deployment (on two login nodes, say):
+only the holder of the lease ``autoscaler:<deployment>``
+(``queue_engine.leadership``) reads SLURM and acts; the others stand by,
+trying every ``interval``, and take over once the lease runs out
+(``leader_ttl`` after the leader's last renewal; at their next try when
+it exits cleanly and releases it).
+
+A step may last longer than ``leader_ttl`` (an ``sbatch`` that hangs until
+``command_timeout``, several of them). That does not let a standby act
+alongside: each model's round renews the lease at the start of its
+transaction, and that renewal locks the lease row until the transaction
+commits (PostgreSQL's row lock; SQLite's single writer), so a standby's
+attempt waits for the round to end and then sees the renewed lease. Only
+once the round is committed, every job it submitted recorded, can the lease
+change hands. The round renews again just before it commits, so a long one
+keeps its lease. A renewal is never a takeover: if another autoscaler took
+the lease since this one's round began, the renewal fails and this one
+stops acting for the rest of the step.
 """
 
 import logging
@@ -14,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from queue_engine import allocations, load, scaling
+from queue_engine import allocations, leadership, load, scaling
 from queue_engine.db import transaction
 from queue_engine.models import utcnow
 
@@ -31,9 +50,10 @@ class Autoscaler:
         settings: the service's settings.
         sessions: a database session factory.
         slurm: a :class:`~slurm.commands.Slurm` client.
+        holder: who this autoscaler is in the lease (default ``host:pid:random``).
     """
 
-    def __init__(self, settings, sessions, slurm):
+    def __init__(self, settings, sessions, slurm, holder=None):
         self.settings = settings
         self.sessions = sessions
         self.slurm = slurm
@@ -41,23 +61,39 @@ class Autoscaler:
         self.models = {name: p.slurm for name, p in settings.models.items() if p.slurm is not None}
         #: ``{SLURM job name: model}``: how this deployment's jobs are found.
         self.job_names = {job_name(self.deployment, model): model for model in self.models}
+        self.holder = holder or leadership.new_holder_id()
+        self.lease = leadership.autoscaler_lease(self.deployment)
+        self.leading = False
+        self._standing_by_for = None  # the holder last named in a "standing by" line
 
     def run(self, stop=None):
-        """Decide every ``interval`` seconds until ``stop`` (an Event) is set."""
+        """Decide every ``interval`` seconds until ``stop`` (an Event) is set,
+        then release the lease so that a standby takes over at once."""
         stop = stop or threading.Event()
         interval = self.settings.autoscaler.interval
-        log.info("autoscaling %s for deployment %r every %g s", ", ".join(self.models) or "no models",
-                 self.deployment, interval)
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                self.step()
-            except Exception:
-                log.exception("scaling step failed; trying again in %g s", interval)
-            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        log.info("autoscaling %s for deployment %r every %g s as %s", ", ".join(self.models) or "no models",
+                 self.deployment, interval, self.holder)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("scaling step failed; trying again in %g s", interval)
+                stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            self.release()
 
     def step(self):
-        """One round: read SLURM once, then decide and act for each model."""
+        """One round, if this autoscaler leads: read SLURM once, then decide
+        and act for each model.
+
+        Returns:
+            True if it led the round, False if another autoscaler holds the
+            lease (nothing was read or done) or took it during the round.
+        """
+        if not self.lead():
+            return False
         try:
             found = self.slurm.jobs(list(self.job_names))
         except SlurmError as e:
@@ -68,22 +104,65 @@ class Autoscaler:
             if job.comment in ("", job_comment(self.deployment, self.job_names[job.name])):
                 jobs.setdefault(self.job_names[job.name], {})[job.job_id] = job
         for model in self.models:
-            self.scale(model, jobs.get(model, {}))
+            if not self.scale(model, jobs.get(model, {})):
+                log.warning("lost the lease %r to another autoscaler during a step; standing by", self.lease)
+                self.leading = False
+                return False
+        return True
+
+    def lead(self):
+        """Take or renew the deployment's lease. Says when this autoscaler
+        starts leading, and once per leader that it stands by for which."""
+        with transaction(self.sessions) as session:
+            leading = leadership.acquire(session, self.lease, self.holder, self.settings.autoscaler.leader_ttl)
+            other = None if leading else leadership.read_holder(session, self.lease)
+        if leading and not self.leading:
+            log.info("leading deployment %r: took the lease %r", self.deployment, self.lease)
+            self._standing_by_for = None
+        elif other is not None and other.holder != self._standing_by_for:
+            log.info("standing by: %s leads deployment %r (lease %r until %s)", other.holder, self.deployment,
+                     self.lease, other.expires_at.isoformat(timespec="seconds"))
+            self._standing_by_for = other.holder
+        self.leading = leading
+        return leading
+
+    def release(self):
+        """Give the lease up (a clean exit), so that a standby need not wait for it to run out."""
+        try:
+            with transaction(self.sessions) as session:
+                released = leadership.release(session, self.lease, self.holder)
+        except Exception:
+            log.exception("could not release the lease %r; a standby takes over when it runs out", self.lease)
+            return
+        self.leading = False
+        if released:
+            log.info("released the lease %r", self.lease)
 
     def record_blind(self, why):
         """Say in every model's standing why no decision could be made."""
         with transaction(self.sessions) as session:
+            if not leadership.renew(session, self.lease, self.holder, self.settings.autoscaler.leader_ttl):
+                return
             for model in self.models:
                 state = allocations.scaling_state(session, self.deployment, model)
                 state.action, state.reason, state.decided_at = "wait", why, utcnow()
 
     def scale(self, model, slurm_jobs):
-        """Sync ``model``'s allocations with ``slurm_jobs``, decide, act, record."""
+        """Sync ``model``'s allocations with ``slurm_jobs``, kill workers that
+        did not stop, decide, act, record; all under the lease (see above).
+
+        Returns:
+            False, having done nothing, if this autoscaler no longer holds the lease.
+        """
         slurm_profile = self.models[model]
+        ttl = self.settings.autoscaler.leader_ttl
         with transaction(self.sessions) as session:
+            if not leadership.renew(session, self.lease, self.holder, ttl):
+                return False
             now = utcnow()
             state = allocations.scaling_state(session, self.deployment, model)
             active = self.sync(session, model, slurm_jobs, state)
+            self.kill_overdue(model, active, now)
             backlog = load.read_backlog(session, [model])["backlog"]
             state.idle_since = (state.idle_since or now) if backlog == 0 else None
             workers = [a for a in active if a.state != "stopping"]
@@ -101,6 +180,8 @@ class Autoscaler:
             log.log(logging.DEBUG if quiet else logging.INFO, "%s: %s: %s", model, decision.action, decision.reason)
             state.backlog, state.desired = backlog, decision.desired
             state.action, state.reason, state.decided_at = decision.action, decision.reason, now
+            leadership.renew(session, self.lease, self.holder, ttl)  # from now: a long round keeps its lease
+        return True
 
     def sync(self, session, model, slurm_jobs, state):
         """Bring the database up to what SLURM says: adopt unknown jobs,
@@ -121,6 +202,25 @@ class Autoscaler:
             elif state.failures and allocations.served_long_enough(allocation):
                 allocations.clear_failures(state)
         return [allocation for job_id, allocation in known.items() if job_id in slurm_jobs]
+
+    def kill_overdue(self, model, active, now):
+        """Kill through SLURM (a plain ``scancel``) the workers told to stop
+        ``stop_grace`` ago that still run; once each. A ``scancel`` that fails
+        is logged and tried again next round."""
+        grace = self.settings.autoscaler.stop_grace
+        overdue = [a for a in active if allocations.should_kill(a, grace, now)]
+        if not overdue:
+            return
+        try:
+            self.slurm.cancel([a.slurm_job_id for a in overdue])
+        except SlurmError as e:
+            log.error("%s: cannot kill worker jobs %s that did not stop: %s; trying again in the next round", model,
+                      ", ".join(a.slurm_job_id for a in overdue), e)
+            return
+        for allocation in overdue:
+            allocations.request_kill(allocation, now)
+            log.warning("%s: worker job %s still runs %.0f s after it was told to stop; killed it (scancel)", model,
+                        allocation.slurm_job_id, (now - allocation.stop_requested_at).total_seconds())
 
     def close(self, allocation, state):
         ended = self.slurm.ended(allocation.slurm_job_id)

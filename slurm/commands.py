@@ -116,7 +116,17 @@ class Slurm:
 
     def cancel(self, job_ids, signal=None):
         """``scancel``; with ``signal`` (e.g. ``"TERM"``) the batch script gets
-        that signal instead, and the job may go on as long as it likes."""
+        that signal instead, and the job may go on as long as it likes.
+
+        Without ``signal`` the job is cancelled outright, which is also how a
+        job that ignores SIGTERM is killed: SLURM sends SIGCONT and SIGTERM
+        to every process of every step, the batch step included, then SIGKILL
+        to what is left after the cluster's ``KillWait``, and the job ends
+        ``CANCELLED``. (``--batch --signal=KILL`` would kill the batch shell
+        alone and leave its children running outside the ended job;
+        ``--full --signal=KILL`` is handled like a plain cancel. Both seen on
+        the local cluster, SLURM 22.05.)
+        """
         if not job_ids:
             return
         args = ["scancel"]

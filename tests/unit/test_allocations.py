@@ -81,3 +81,35 @@ def test_a_registration_overwritten_by_an_older_copy_of_the_row_is_restored(sess
         assert allocation.state == "starting" and allocation.serving_at is not None
         allocations.observe(allocation, "running", "RUNNING", "gpu01")  # the next round
         assert allocation.state == "serving"
+
+
+def test_a_worker_that_does_not_stop_within_the_grace_is_killed_once(sessions):
+    """should_kill: only stopping jobs, only after stop_grace, and never a second time."""
+    with transaction(sessions) as session:
+        serving, stopping = (allocations.record_submitted(session, "dep", "tiny", str(n)) for n in (31, 32))
+        told = utcnow()
+        allocations.request_stop(stopping, now=told)
+        later = told + timedelta(seconds=600)
+        assert not allocations.should_kill(serving, 600, later)
+        assert not allocations.should_kill(stopping, 600, told + timedelta(seconds=599))
+        assert allocations.should_kill(stopping, 600, later)
+        allocations.request_kill(stopping, now=later)
+        assert not allocations.should_kill(stopping, 600, later + timedelta(seconds=600))
+    with transaction(sessions) as session:
+        [_, killed] = allocations.active(session, "dep", "tiny")
+        assert killed.kill_requested_at == later  # stored
+
+
+def test_a_killed_worker_is_closed_as_killed_and_not_as_a_failed_start(sessions):
+    """The reason says it was killed after not stopping, then SLURM's words."""
+    with transaction(sessions) as session:
+        allocation = allocations.record_submitted(session, "dep", "tiny", "33")
+        told = utcnow()
+        allocation.serving_at = told - timedelta(seconds=5)  # served briefly: would be a failed start if not told
+        allocations.request_stop(allocation, now=told)
+        allocations.request_kill(allocation, now=told + timedelta(seconds=600))
+        allocations.close(allocation, "cancelled", "CANCELLED", "CANCELLED (exit 0:9)",
+                          now=told + timedelta(seconds=605))
+        assert allocation.exit_reason == ("killed after not stopping within 600 s of the stop request; "
+                                          "CANCELLED (exit 0:9)")
+        assert allocation.state == "cancelled" and not allocations.failed_to_start(allocation)

@@ -1,10 +1,18 @@
 """The autoscaler's policy: how many workers, when to add and remove them,
 and the back-off after failed starts."""
 
-import pytest
+import logging
 
+import pytest
+from sqlalchemy import func, select
+
+from queue_engine import leadership
+from queue_engine.db import transaction
+from queue_engine.errors import SettingsError
+from queue_engine.models import ScalingState, WorkerAllocation
 from queue_engine.scaling import backoff_delay, decide, desired_workers
-from queue_engine.settings import SlurmProfile
+from queue_engine.settings import SlurmProfile, load_settings
+from slurm.autoscaler import Autoscaler
 
 PROFILE = SlurmProfile(min_workers=0, max_workers=4, target_backlog_per_worker=100)
 
@@ -64,3 +72,29 @@ def test_after_failures_nothing_more_is_submitted_while_a_replacement_is_on_its_
                       unproven=1)
     assert (decision.action, decision.change) == ("wait", 0)
     assert "waiting for the 1 starting to serve" in decision.reason
+
+
+def test_autoscaler_settings_lease_and_stop_grace_defaults_and_a_lease_shorter_than_the_interval_is_refused(tmp_path):
+    """leader_ttl 15 s (three intervals), stop_grace 600 s; a lease that would run out between renewals is an error."""
+    autoscaler = load_settings(environ={}, data_dir=tmp_path).autoscaler
+    assert (autoscaler.leader_ttl, autoscaler.stop_grace) == (15.0, 600.0)
+    with pytest.raises(SettingsError, match=r"leader_ttl \(10 s\) must be longer than interval \(10 s\)"):
+        load_settings(environ={}, data_dir=tmp_path, autoscaler={"interval": 10, "leader_ttl": 10})
+
+
+def test_a_standby_autoscaler_touches_neither_slurm_nor_the_database(sessions, database_url, tmp_path, caplog):
+    """While another holds the deployment's lease, a step does nothing (its SLURM client is None here: any
+    call would raise), says once that it stands by and for whom, and a round begun as leader stops."""
+    caplog.set_level(logging.INFO, logger="slurm.autoscaler")
+    settings = load_settings(environ={}, data_dir=tmp_path, database_url=database_url,
+                             autoscaler={"deployment": "dep"}, models={"m": {"slurm": {}}})
+    with transaction(sessions) as session:
+        assert leadership.acquire(session, "autoscaler:dep", "other-host:1:ab", 60)
+    scaler = Autoscaler(settings, sessions, slurm=None)
+    assert not scaler.step() and not scaler.step()
+    assert not scaler.scale("m", {})  # as if it had lost the lease after the step began
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ScalingState)) == 0
+        assert session.scalar(select(func.count()).select_from(WorkerAllocation)) == 0
+    standing_by = [r.getMessage() for r in caplog.records if "standing by" in r.getMessage()]
+    assert len(standing_by) == 1 and standing_by[0].startswith("standing by: other-host:1:ab leads deployment 'dep'")
