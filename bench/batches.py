@@ -45,7 +45,7 @@ from queue_engine.schemas import JobCreate  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, free_port, stop_process, wait_until  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
-from workers.publish import send_job  # noqa: E402
+from workers.publish import send_jobs  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def naive_ingest(settings, sessions, rows):
                             priority="bulk", params={"max_tokens": 16})
         with transaction(sessions) as session:
             job, _ = create_job(session, owner_id, request, settings)
-        send_job(app, job)
+        send_jobs(app, [(job.id, job.model)])
     return time.perf_counter() - started
 
 

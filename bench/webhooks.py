@@ -125,7 +125,7 @@ def outbox_cost(sessions, owner_id, settings, count):
             ids = [jobs.create_job(session, owner_id, request, settings)[0].id for _ in range(count)]
         with transaction(sessions) as session:
             for job_id in ids:
-                leases.claim_job(session, job_id, "bench", 600, 3)
+                leases.claim_job(session, job_id, "bench", 600)
         return ids
 
     def end_all(ids, announce):

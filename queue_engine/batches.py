@@ -8,16 +8,20 @@ together and vLLM's prefix cache can reuse it.
 
 The batch's counts live on the batch row and change in the same transaction
 as the row transitions they count, so progress is one primary-key read, and
-the transaction that ends the last row also writes the batch's end.
+the transaction that ends the last row also writes the batch's end. Each
+chunk is also a row of its own (``dispatch.py``): whether the broker holds its
+message, so a lost message can be sent again.
 """
 
 from enum import Enum
 from itertools import islice
 from typing import NamedTuple
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 
-from . import webhooks
+from datetime import timedelta
+
+from . import dispatch, webhooks
 from .errors import BatchFinishedError, NoSuchBatchError
 from .jobs import JobState, check_model_request, new_id, newest_first, transition_statement
 from .leases import complete_jobs, fail_job, lease_values
@@ -49,7 +53,8 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
     """Store a batch and every row the ``reader`` yields, in ``session``'s transaction.
 
     Rows that cannot run (``row.error``) are stored as failed jobs. The
-    caller commits, then sends chunks ``0 .. batch.chunks - 1``; if the
+    chunks are recorded as sent: the caller commits, then sends chunks
+    ``0 .. batch.chunks - 1`` (and releases those it could not send). If the
     reader raises (a problem with the file), the caller rolls back and
     nothing is kept.
 
@@ -79,15 +84,10 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
     batch.id_column = reader.id_header
     batch.status = BatchState.IN_PROGRESS.value
     session.flush()
+    dispatch.add_chunks(session, batch.id, batch.model, batch.chunks, utcnow())
     settle(session, batch.id)
     session.refresh(batch)
     return batch
-
-
-def delete_batch(session, batch_id):
-    """Remove a batch and its rows (its chunks could not be sent)."""
-    session.execute(delete(Job).where(Job.batch_id == batch_id))
-    session.execute(delete(Batch).where(Batch.id == batch_id))
 
 
 def row_values(batch, row, now):
@@ -151,6 +151,7 @@ def cancel_batch(session, owner_id, batch_id):
         .values(status=BatchState.CANCELLING.value, cancelled=Batch.cancelled + cancelled,
                 cancelled_at=func.coalesce(Batch.cancelled_at, utcnow()))
     )
+    dispatch.drop_chunks(session, batch_id)
     settle(session, batch_id)
     return get_batch(session, owner_id, batch_id)
 
@@ -192,50 +193,28 @@ def batch_to_dict(batch):
 
 class ChunkClaim(NamedTuple):
     """What :func:`claim_chunk` took: ``rows`` to run (id, prompt, messages,
-    params, attempts), the batch's ``params`` they start from, and
-    ``retry_in`` seconds if some rows are held by another live worker."""
+    params, attempts) and the batch's ``params`` they start from."""
 
     rows: list
     params: dict
-    retry_in: float = 0.0
 
 
-def claim_chunk(session, batch_id, chunk, worker, lease_seconds, max_attempts):
-    """Take the rows of ``chunk`` that are ours to run.
+def claim_chunk(session, batch_id, chunk, worker, lease_seconds):
+    """Take the queued rows of ``chunk`` for ``worker``: its message was taken.
 
-    Queued rows are claimed; rows whose worker died (lease expired) are taken
-    over, or failed as ``worker_lost`` once they used every attempt; finished
-    and cancelled rows are skipped, so a redelivered chunk runs only what is
-    left of it.
+    Rows that finished, were cancelled or are running elsewhere are left
+    alone, so a chunk's message that arrives twice runs nothing twice.
     """
+    dispatch.take_chunk(session, batch_id, chunk)
     batch = session.get(Batch, batch_id)
     if batch is None:
         return ChunkClaim([], {})
-    in_chunk = [Job.batch_id == batch_id, Job.chunk == chunk]
-    now = utcnow()
-    columns = (Job.id, Job.prompt, Job.messages, Job.params, Job.attempts)
     claim = {**lease_values(worker, lease_seconds), "attempts": Job.attempts + 1}
     rows = session.execute(
-        transition_statement(JobState.QUEUED, JobState.RUNNING, in_chunk, dict(claim)).returning(*columns)
+        transition_statement(JobState.QUEUED, JobState.RUNNING, [Job.batch_id == batch_id, Job.chunk == chunk], claim)
+        .returning(Job.id, Job.prompt, Job.messages, Job.params, Job.attempts)
     ).all()
-    abandoned = [*in_chunk, Job.lease_expires_at < now]
-    lost = session.execute(
-        transition_statement(JobState.RUNNING, JobState.FAILED, [*abandoned, Job.attempts >= max_attempts], {
-            "error_code": "worker_lost",
-            "error_message": f"the worker running this row was lost {max_attempts} times; giving up",
-        })
-    ).rowcount
-    if lost:
-        add_counts(session, batch_id, failed=lost)
-    rows += session.execute(
-        transition_statement(JobState.RUNNING, JobState.RUNNING, abandoned, dict(claim)).returning(*columns)
-    ).all()
-    held_until = session.scalar(
-        select(func.max(Job.lease_expires_at)).where(*in_chunk, Job.status == JobState.RUNNING.value,
-                                                      Job.lease_owner != worker)
-    )
-    retry_in = (held_until - now).total_seconds() + 0.5 if held_until else 0.0
-    return ChunkClaim(rows, batch.params, retry_in)
+    return ChunkClaim(rows, batch.params)
 
 
 def renew_leases(session, job_ids, worker, lease_seconds):
@@ -262,12 +241,34 @@ def record_outcomes(session, batch_id, worker, generations=(), failures=()):
     return completed, failed
 
 
-def add_counts(session, batch_id, completed=0, failed=0):
+def requeue_rows(session, batch_id, where, delay=0.0, **values):
+    """Put the running rows of ``batch_id`` that match ``where`` back in the
+    queue, their chunks to be sent again after ``delay`` seconds; in a batch
+    being cancelled they are cancelled instead.
+
+    Returns:
+        How many rows went back to the queue (or were cancelled).
+    """
+    rows = [Job.batch_id == batch_id, *where]
+    status = session.scalar(select(Batch.status).where(Batch.id == batch_id))
+    if status == BatchState.CANCELLING.value:
+        cancelled = session.execute(transition_statement(JobState.RUNNING, JobState.CANCELLED, rows, {})).rowcount
+        add_counts(session, batch_id, cancelled=cancelled)
+        return cancelled
+    chunks = session.execute(
+        transition_statement(JobState.RUNNING, JobState.QUEUED, rows, values).returning(Job.chunk)).scalars().all()
+    retry_at = utcnow() + timedelta(seconds=delay) if delay else None
+    dispatch.send_chunks_again(session, {(batch_id, chunk) for chunk in chunks}, retry_at)
+    return len(chunks)
+
+
+def add_counts(session, batch_id, completed=0, failed=0, cancelled=0):
     """Count rows that just ended (only those whose transition this
     transaction made), and end the batch if they were the last."""
     session.execute(
         update(Batch).where(Batch.id == batch_id)
-        .values(completed=Batch.completed + completed, failed=Batch.failed + failed)
+        .values(completed=Batch.completed + completed, failed=Batch.failed + failed,
+                cancelled=Batch.cancelled + cancelled)
     )
     settle(session, batch_id)
 

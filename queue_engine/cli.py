@@ -29,13 +29,17 @@ def start_embedded_worker(settings, model):
         raise click.ClickException(str(e)) from e
 
 
-def start_webhook_delivery(settings):
-    """Cluster mode: ``serve`` delivers webhooks (a relay and a worker for their queue)."""
+def start_cluster_services(settings):
+    """Cluster mode: ``serve`` runs the dispatcher (the database's waiting
+    work onto the broker) and delivers webhooks."""
     from workers.celery_app import make_celery
+    from workers.dispatcher import start_dispatcher
     from workers.webhooks import start_delivery
 
     celery_app = make_celery(settings)
-    start_delivery(celery_app, settings, make_sessions(settings.sqlalchemy_url))
+    sessions = make_sessions(settings.sqlalchemy_url)
+    start_dispatcher(celery_app, sessions, settings)
+    start_delivery(celery_app, settings, sessions)
     return celery_app
 
 
@@ -59,12 +63,13 @@ def main(log_level):
 @click.option("--worker-model", default="tiny", show_default=True,
               help="Embedded mode only: the model profile the in-process worker serves.")
 def serve(host, port, worker_model):
-    """Serve the HTTP API and deliver webhooks (embedded mode also runs a worker inside)."""
+    """Serve the HTTP API, send waiting work to the broker and deliver webhooks
+    (embedded mode also runs a worker inside)."""
     settings = read_settings()
     if settings.is_embedded:
         celery_app = start_embedded_worker(settings, worker_model)
     else:
-        celery_app = start_webhook_delivery(settings)
+        celery_app = start_cluster_services(settings)
     from web import create_app
     from web.server import build_server, embedded_key_path, embedded_secret_path, ensure_embedded_key
 
@@ -116,7 +121,8 @@ def worker(model, concurrency, metrics_port):
 @click.option("--once", is_flag=True, help="Decide once and exit (to see what it would do, or from cron).")
 def autoscale(once):
     """Submit and stop SLURM worker jobs as the queues of the models with a
-    [models.X.slurm] table grow and drain."""
+    [models.X.slurm] table grow and drain. Several may run for one deployment:
+    one leads, the others stand by and take over if it dies."""
     import signal
     import threading
 
@@ -131,7 +137,12 @@ def autoscale(once):
     if not autoscaler.models:
         raise click.ClickException("no model profile has a [models.X.slurm] table; nothing to scale")
     if once:
-        autoscaler.step()
+        try:
+            led = autoscaler.step()
+        finally:
+            autoscaler.release()
+        if not led:
+            click.echo(f"another autoscaler leads deployment {autoscaler.deployment!r}; did nothing")
         return
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -4,11 +4,18 @@ SQLite (the embedded default) and PostgreSQL (production) both work; SQLite
 gets WAL and a busy timeout so a few hundred worker threads can write to it.
 """
 
+import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.orm import sessionmaker
+
+log = logging.getLogger(__name__)
+
+#: The longest wait between two tries of a transaction while the database is away.
+MAX_BACKOFF = 1.0
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -46,6 +53,44 @@ def transaction(session_factory):
     """A session that commits on success and rolls back on error."""
     with session_factory() as session, session.begin():
         yield session
+
+
+def is_unreachable(error):
+    """Whether ``error`` says the database could not be reached (down,
+    restarting, a dropped connection, SQLite busy), so the same work may
+    succeed if tried again, as opposed to a mistake in the work itself."""
+    return isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)) or (
+        isinstance(error, exc.DBAPIError) and error.connection_invalidated)
+
+
+def run_transaction(session_factory, work, retry_for=0.0):
+    """Run ``work(session)`` in a transaction and return what it returns.
+
+    While the database is unreachable (:func:`is_unreachable`), the whole
+    transaction is tried again with back-off, for up to ``retry_for``
+    seconds; then the last error is raised. ``work`` must be safe to run
+    again: if a COMMIT was lost with its connection, the conditional
+    UPDATEs of the job life cycle find the work already done.
+    """
+    deadline = time.monotonic() + retry_for
+    delay, failures = 0.05, 0
+    while True:
+        try:
+            with transaction(session_factory) as session:
+                result = work(session)
+        except Exception as e:
+            if not is_unreachable(e) or time.monotonic() + delay > deadline:
+                raise
+            failures += 1
+            if failures == 1:
+                log.warning("the database is unreachable (%s); trying again for up to %g s",
+                            type(e.orig if isinstance(e, exc.DBAPIError) else e).__name__, retry_for)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+            continue
+        if failures:
+            log.warning("the database is reachable again (after %d tries)", failures + 1)
+        return result
 
 
 def alembic_config(url):

@@ -3,7 +3,8 @@
 Every state change is one conditional UPDATE made by :func:`transition`
 (``... WHERE status = <expected>``), so a redelivered message never runs a
 finished job again and a cancelled job never starts. What a worker does with
-a job it took (claim, lease, finish) is in ``leases.py``.
+a job it took (claim, lease, finish) is in ``leases.py``; how a waiting job
+gets its message on the broker, and gets it again, is in ``dispatch.py``.
 """
 
 import hashlib
@@ -33,11 +34,11 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
-#: Which state may follow which. RUNNING -> RUNNING is a takeover of a job
-#: whose worker's lease expired; RUNNING -> QUEUED is a retry.
+#: Which state may follow which. RUNNING -> QUEUED is a retry, or the
+#: recovery of a job whose worker stopped renewing its lease.
 ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLED},
-    JobState.RUNNING: {JobState.RUNNING, JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),
@@ -82,6 +83,7 @@ def transition_statement(source, target, where, values):
     elif target == JobState.QUEUED:
         values.setdefault("lease_owner", None)
         values.setdefault("lease_expires_at", None)
+        values.setdefault("dispatched_at", None)  # back in the queue: it needs a message again
     return (
         update(Job)
         .where(Job.status == source.value, *where)
@@ -136,7 +138,9 @@ def create_job(session, owner_id, request, settings, idempotency_key=None, kind=
         IdempotencyConflictError: the key was used for a different request.
     """
     check_model_request(settings, request)
-    job = job_from_request(owner_id, request, idempotency_key, kind=kind, model=request.model, lane=request.priority)
+    # Marked sent now; the caller sends after commit, or marks it unsent again (dispatch.release_jobs).
+    job = job_from_request(owner_id, request, idempotency_key, kind=kind, model=request.model, lane=request.priority,
+                           dispatched_at=utcnow())
     return add_once(session, job)
 
 
@@ -198,13 +202,6 @@ def _replay(job, fingerprint):
             "this Idempotency-Key was already used with a different request body; use a new key"
         )
     return job
-
-
-def delete_unsent_job(session, job_id):
-    """Remove a job whose message the broker refused, so nothing half-exists."""
-    job = session.get(Job, job_id)
-    if job is not None and job.status == JobState.QUEUED.value and job.attempts == 0:
-        session.delete(job)
 
 
 def get_job(session, owner_id, job_id):

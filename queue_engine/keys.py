@@ -34,6 +34,11 @@ def model_queues(model):
 #: The queue webhook deliveries go to, never a model queue.
 WEBHOOK_QUEUE = f"{PREFIX}.webhooks"
 
+#: A key the dispatcher keeps in Redis. When it is gone, Redis lost its data
+#: (restarted without persistence, flushed, failed over to an empty replica),
+#: and every message it held must be sent again (``queue_engine.dispatch``).
+BROKER_MARKER = f"{PREFIX}:broker-marker"
+
 #: Celery task names, so the web can ``send_task`` without importing workers.
 RUN_JOB_TASK = "queue_engine.run_job"
 DELIVER_WEBHOOK_TASK = "queue_engine.deliver_webhook"

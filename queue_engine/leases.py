@@ -1,16 +1,16 @@
 """Running jobs under a lease: what a worker does with a job it took.
 
-A worker claims a job (or a chunk's rows) for ``lease_seconds`` and renews the
-lease while the engine works; another worker may take the job over only once
-the lease has expired, i.e. when its worker died. Finishing is conditional on
-still holding the lease, so a late result from a worker that lost its job is
-dropped instead of overwriting the new worker's.
+A worker claims a queued job (or a chunk's queued rows) for ``lease_seconds``
+and renews the lease while the engine works. Claims take queued work only:
+deciding that a worker is dead, because it stopped renewing, is the
+dispatcher's job (``recovery.py``), which puts the work back in the queue.
+Finishing is conditional on still holding the job, so a late result from a
+worker that lost it is dropped instead of overwriting the new worker's.
 """
 
 import os
 import secrets
 from datetime import timedelta
-from typing import NamedTuple
 
 from sqlalchemy import bindparam, update
 
@@ -28,48 +28,16 @@ def worker_identity():
     return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-class Claim(NamedTuple):
-    """What :func:`claim_job` decided: run ``job`` (a row of the jobs table),
-    wait ``retry_in`` seconds, or neither. ``gave_up`` says the job was failed
-    just now, its attempts used up by workers that died."""
+def claim_job(session, job_id, worker, lease_seconds):
+    """Take ``job_id`` for ``worker`` if it is queued.
 
-    job: object = None
-    retry_in: float = 0.0
-    gave_up: bool = False
-
-
-def claim_job(session, job_id, worker, lease_seconds, max_attempts):
-    """Take ``job_id`` for ``worker``, if it is ours to run.
-
-    A queued job is claimed. A running job whose lease expired (its worker
-    died) is taken over, or failed once it has used all its attempts. A
-    running job with a live lease belongs to a live worker: the caller should
-    look again in ``retry_in`` seconds, in case that worker dies too. A
-    finished or cancelled job is left alone.
+    Returns:
+        The job's row, now running under ``worker``'s lease; or None when it
+        is not queued (a duplicate message, a job that is running, finished
+        or cancelled), and the message should be dropped.
     """
-    now = utcnow()
-    lease = lease_values(worker, lease_seconds)
-    # The common case, a queued job, costs one statement: the hot path of every task.
-    claimed = transition(session, job_id, JobState.QUEUED, JobState.RUNNING, returning=True,
-                         attempts=Job.attempts + 1, **lease)
-    if claimed is not None:
-        return Claim(job=claimed)
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != JobState.RUNNING.value:
-        return Claim()
-    if job.lease_expires_at is not None and job.lease_expires_at > now:
-        return Claim(retry_in=(job.lease_expires_at - now).total_seconds() + 0.5)
-    abandoned = Job.lease_expires_at < now
-    if job.attempts >= max_attempts:
-        gave_up = transition(
-            session, job_id, JobState.RUNNING, JobState.FAILED, where=[abandoned],
-            error_code="worker_lost",
-            error_message=f"the worker running this job was lost {job.attempts} times; giving up",
-        )
-        return Claim(gave_up=gave_up)
-    taken_over = transition(session, job_id, JobState.RUNNING, JobState.RUNNING, where=[abandoned], returning=True,
-                            attempts=Job.attempts + 1, **lease)
-    return Claim(job=taken_over)
+    return transition(session, job_id, JobState.QUEUED, JobState.RUNNING, returning=True,
+                      attempts=Job.attempts + 1, **lease_values(worker, lease_seconds))
 
 
 def renew_lease(session, job_id, worker, lease_seconds):
@@ -119,9 +87,10 @@ def fail_job(session, job_id, worker, code, message):
     )
 
 
-def requeue_job(session, job_id, worker, code, message):
-    """Give the job back to the queue after a failed attempt, keeping the error."""
+def requeue_job(session, job_id, worker, code, message, delay):
+    """Give the job back to the queue after a failed attempt, keeping the
+    error; its message is sent again once ``delay`` seconds have passed."""
     return transition(
         session, job_id, JobState.RUNNING, JobState.QUEUED, where=[Job.lease_owner == worker],
-        error_code=code, error_message=message,
+        error_code=code, error_message=message, retry_at=utcnow() + timedelta(seconds=delay),
     )

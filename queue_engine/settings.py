@@ -151,6 +151,21 @@ class AutoscalerSettings(_Frozen):
     max_backoff: float = Field(600.0, gt=0, description="the back-off doubles per failure up to this")
     error_after: int = Field(3, ge=1, description="failures in a row that put a profile in the error state")
     command_timeout: float = Field(30.0, gt=0, description="seconds before a SLURM command counts as failed")
+    leader_ttl: float = Field(
+        15.0, gt=0,
+        description="seconds the leading autoscaler's lease lasts unless renewed (every interval); a standby "
+                    "takes over this long after the leader dies, at once after it exits cleanly")
+    stop_grace: float = Field(
+        600.0, ge=0,
+        description="seconds a worker told to stop may keep running (finishing what it holds) before it is "
+                    "killed through SLURM")
+
+    @model_validator(mode="after")
+    def _lease_outlives_interval(self):
+        if self.leader_ttl <= self.interval:
+            raise ValueError(f"leader_ttl ({self.leader_ttl:g} s) must be longer than interval ({self.interval:g} s), "
+                             "or the leader's lease runs out between its renewals; make it about three intervals")
+        return self
 
 
 class DispatcherSettings(_Frozen):

@@ -22,7 +22,7 @@ import copy
 import secrets
 from typing import NamedTuple
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from . import prompts
 from .errors import InvalidRequestError
@@ -93,7 +93,7 @@ def decide(mode, readings, threshold):
 
 
 def create_tribunal(session, owner_id, request, settings, decision, idempotency_key=None):
-    """Store a tribunal and its first steps, all queued.
+    """Store a tribunal and its first steps, all queued (the steps marked sent).
 
     Returns:
         ``(tribunal, steps, created)``: the job, the steps to send now, and
@@ -130,18 +130,9 @@ def create_tribunal(session, owner_id, request, settings, decision, idempotency_
     return job, steps, True
 
 
-def delete_unsent_tribunal(session, tribunal_id):
-    """Remove a tribunal whose first steps the broker refused, steps and all.
-
-    Unlike a single job it may already be running: a step sent before the
-    broker failed may have been claimed. Its worker then finds the step gone
-    (its lease cannot be renewed) and drops it.
-    """
-    session.execute(delete(Job).where(Job.id == tribunal_id).execution_options(synchronize_session=False))
-
-
 def _step(tribunal, step, model, prompt, messages, seed, index=None):
-    """A queued step of ``tribunal``: one generation on ``model``."""
+    """A queued step of ``tribunal``: one generation on ``model``, marked
+    sent (the caller sends it after commit, or releases it)."""
     return Job(
         id=new_id("step"),
         owner_id=tribunal.owner_id,
@@ -157,6 +148,7 @@ def _step(tribunal, step, model, prompt, messages, seed, index=None):
         params={**tribunal.params, "seed": seed},
         attempts=0,
         created_at=utcnow(),
+        dispatched_at=utcnow(),
     )
 
 

@@ -137,6 +137,15 @@ def release(session, event_ids):
     )
 
 
+def forget_queued(session):
+    """The broker lost its messages: events waiting in it are due again now
+    (not after their lease). Returns how many."""
+    return session.execute(
+        update(WebhookEvent).where(WebhookEvent.status == EventState.QUEUED.value)
+        .values(status=EventState.PENDING.value, lease_expires_at=None).execution_options(synchronize_session=False)
+    ).rowcount
+
+
 # --- one attempt (the delivery task) ------------------------------------------
 
 

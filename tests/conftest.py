@@ -6,6 +6,7 @@ test run on the server at 127.0.0.1:5432, or ``QUEUE_ENGINE_TEST_POSTGRES``).
 
 import os
 import secrets
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import delete
@@ -18,9 +19,10 @@ from queue_engine.settings import load_settings
 POSTGRES_ADMIN_URL = os.environ.get("QUEUE_ENGINE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A new, empty PostgreSQL database for this test run, dropped at the end."""
+@contextmanager
+def new_postgres_database():
+    """A new, migrated PostgreSQL database on the server at ``POSTGRES_ADMIN_URL``,
+    dropped on exit; skips the test where no server is reachable."""
     import psycopg
 
     admin = POSTGRES_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
@@ -32,10 +34,19 @@ def postgres_url():
     with connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade_database(url)
-    yield url
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A new, empty PostgreSQL database for this test run, dropped at the end."""
+    with new_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -32,20 +32,31 @@ def wait_until(predicate, timeout, message, interval=0.05):
 
 
 class RedisServer:
-    """A real redis-server on a free port, owned by the test run."""
+    """A real redis-server on a free port, owned by the test run. It keeps
+    nothing on disk, so :meth:`kill` then :meth:`start` is a Redis that
+    restarted empty on the same port."""
 
     def __init__(self, directory):
-        binary = shutil.which("redis-server")
-        if binary is None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
+        self.directory = directory
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self):
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(directory)],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, 10, f"redis-server on port {self.port}")
+
+    def kill(self):
+        """SIGKILL: every message it held is gone."""
+        self.process.kill()
+        self.process.wait(10)
 
     def ping(self):
         try:

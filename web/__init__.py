@@ -1,12 +1,21 @@
 """The Flask web service: the public HTTP API in front of the database and the queues."""
 
 from flask import Flask
+from werkzeug.routing import BaseConverter
 
 from queue_engine.db import make_engine, make_session_factory
 from queue_engine.settings import load_settings
 from workers.celery_app import make_celery
+from workers.publish import Sender
 
 from . import batches, db, errors, health, jobs, metrics, models, openapi, tribunals, webhooks
+
+
+class SegmentConverter(BaseConverter):
+    """An id in a path: one segment without NUL (``%00``), which no database
+    text can hold; such a path matches no route and is a JSON 404."""
+
+    regex = "[^/\\x00]+"
 
 
 def create_app(settings=None, celery_app=None):
@@ -20,6 +29,10 @@ def create_app(settings=None, celery_app=None):
     """
     settings = settings or load_settings()
     app = Flask(__name__)
+    # Before any route is added: "//" is a 404 like any unknown path, not a
+    # redirect (an HTML page), and ids are SegmentConverter's.
+    app.url_map.merge_slashes = False
+    app.url_map.converters["default"] = SegmentConverter
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     engine = make_engine(settings.sqlalchemy_url)
@@ -27,6 +40,7 @@ def create_app(settings=None, celery_app=None):
     app.extensions["qe_db_engine"] = engine
     app.extensions["qe_sessions"] = make_session_factory(engine)
     app.extensions["celery"] = celery_app or make_celery(settings)
+    app.extensions["qe_sender"] = Sender(app.extensions["celery"], app.extensions["qe_sessions"], settings)
     db.init_app(app)
     errors.init_app(app)
     app.register_blueprint(health.bp)

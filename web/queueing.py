@@ -1,21 +1,19 @@
 """Submitting work: store it, then put its messages on the broker.
 
-Rows are committed before their messages are sent, so a worker never gets a
-message for work it cannot see. If the broker refuses a message, what was
-stored is removed again, so a failed submission leaves nothing behind.
+Rows are committed, marked sent, before their messages go out, so a worker
+never gets a message for work it cannot see. Accepted means stored: if the
+broker refuses (or is down), the work is marked unsent and the answer is
+still 202; the dispatcher sends it when the broker is back. If this process
+dies between the commit and the send, the dispatcher finds the messages
+missing from the broker and sends them (``queue_engine.dispatch``).
 """
 
 from flask import current_app, g
-from kombu.exceptions import OperationalError
 
 from queue_engine import batches, jobs, load, targets, tribunal, uploads
-from queue_engine.errors import BrokerUnavailableError
-from workers.publish import send_chunks, send_job
 
 from . import metrics
 from .db import get_session
-
-BROKER_ERRORS = (OperationalError, OSError)
 
 
 def submit_job(request_body, idempotency_key=None, kind="single"):
@@ -26,20 +24,19 @@ def submit_job(request_body, idempotency_key=None, kind="single"):
     job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind)
     session.commit()
     if created:
-        celery = current_app.extensions["celery"]
-        send_or_withdraw(session, lambda: send_job(celery, job), lambda: jobs.delete_unsent_job(session, job.id))
+        sender().send(jobs=[(job.id, job.model)])
     return job, created
 
 
 def submit_tribunal(request_body, idempotency_key=None):
     """Create a tribunal and enqueue its first steps; returns ``(job, created)``.
 
-    With ``bypass: auto`` the backlog of its models' queues is read first, and
+    With ``bypass: auto`` the backlog of its models is read first, and
     decides whether it runs in full or as a single pass.
     """
     session = get_session()
     settings = current_app.extensions["qe_settings"]
-    tribunal.check_request(settings, request_body)  # before reading the broker for it
+    tribunal.check_request(settings, request_body)
     check_webhook_url(request_body, settings)
     readings = None
     if request_body.bypass == "auto":
@@ -47,15 +44,10 @@ def submit_tribunal(request_body, idempotency_key=None):
     decision = tribunal.decide(request_body.bypass, readings, settings.tribunal.bypass_backlog)
     job, steps, created = tribunal.create_tribunal(
         session, g.api_key.id, request_body, settings, decision, idempotency_key)
+    first_steps = [(step.id, step.model) for step in steps]
     session.commit()
     if created:
-        celery = current_app.extensions["celery"]
-
-        def send_steps():
-            for step in steps:
-                send_job(celery, step)
-
-        send_or_withdraw(session, send_steps, lambda: tribunal.delete_unsent_tribunal(session, job.id))
+        sender().send(jobs=first_steps)
         metrics.count_tribunal(job)
     return job, created
 
@@ -84,21 +76,10 @@ def submit_batch(request_body, file):
     batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
                                  file_format=file_format, filename=file.filename)
     session.commit()
-    celery = current_app.extensions["celery"]
-    send_or_withdraw(session, lambda: send_chunks(celery, batch), lambda: batches.delete_batch(session, batch.id))
+    sender().send(chunks=[(batch.id, chunk, batch.model) for chunk in range(batch.chunks)])
     return batch
 
 
-def send_or_withdraw(session, send, withdraw):
-    """Run ``send``; if the broker refuses, run ``withdraw`` (remove what was
-    stored for it), commit, and answer 503."""
-    try:
-        send()
-    except BROKER_ERRORS as e:
-        withdraw()
-        session.commit()
-        raise _broker_unavailable(e) from e
-
-
-def _broker_unavailable(error):
-    return BrokerUnavailableError(f"the message broker is unreachable ({error}); nothing was stored, try again")
+def sender():
+    """The app's :class:`workers.publish.Sender`."""
+    return current_app.extensions["qe_sender"]

@@ -21,12 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 
-from queue_engine import batches, leases
-from queue_engine.db import transaction
+from queue_engine import batches
+from queue_engine.db import is_unreachable, transaction
 from queue_engine.errors import EngineRejectedError
+from queue_engine.models import Job
 
-from .publish import bulk_queue
 from .engine import GenerationRequest
+from .publish import bulk_queue
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,7 @@ class BulkConsumer:
 
     def stop(self, timeout=None, wait=True):
         """Warm stop: take no more chunks, finish the rows already running.
-
-        A chunk that still had rows waiting on another worker goes back to
-        the queue. With ``wait=False`` it only begins stopping.
-        """
+        With ``wait=False`` it only begins stopping."""
         self._stopping.set()
         if wait:
             self._thread.join(timeout)
@@ -106,59 +104,39 @@ class BulkConsumer:
             message.ack()
             return
         self._held += 1
-        future = self._pool.submit(run_chunk, self.runtime, body["batch_id"], body["chunk"], self._stopping)
+        future = self._pool.submit(run_chunk, self.runtime, body["batch_id"], body["chunk"])
         future.add_done_callback(lambda future: self._ended.put((message, future)))
 
     def _settle_ended_chunks(self, block):
-        """Acknowledge the chunks that ended; requeue those that could not."""
+        """Acknowledge the chunks that ended; requeue those that failed."""
         try:
             item = self._ended.get(timeout=POLL_INTERVAL) if block else self._ended.get_nowait()
             while True:
                 message, future = item
                 self._held -= 1
                 error = future.exception()
-                if error is None and future.result():
+                if error is None:
                     message.ack()
                 else:
-                    if error is not None:
-                        log.error("chunk %r failed; it goes back to the queue", message.payload, exc_info=error)
+                    log.error("chunk %r failed; it goes back to the queue", message.payload, exc_info=error)
                     message.requeue()
                 item = self._ended.get_nowait()
         except queue.Empty:
             pass
 
 
-def run_chunk(runtime, batch_id, chunk, stopping):
-    """Run what is left of one chunk.
-
-    Returns:
-        True once every row of the chunk has ended; False if the worker began
-        stopping while rows were still held by another worker or waiting to
-        be retried (the message should go back to the queue).
-    """
+def run_chunk(runtime, batch_id, chunk):
+    """Run the queued rows of one chunk to their outcomes."""
     settings = runtime.settings
-    while True:
-        with transaction(runtime.sessions) as session:
-            claim = batches.claim_chunk(session, batch_id, chunk, runtime.worker_id,
-                                        settings.lease_seconds, settings.max_attempts)
-        if claim.rows:
-            if run_rows(runtime, batch_id, claim) and stopping.wait(settings.retry_delay):
-                return False
-        elif not claim.retry_in:
-            return True
-        elif stopping.wait(claim.retry_in):
-            # Another live worker holds some rows (this message came back
-            # early); keep it until they end or their worker is found dead.
-            return False
+    claim = runtime.write(lambda session: batches.claim_chunk(
+        session, batch_id, chunk, runtime.worker_id, settings.lease_seconds))
+    if claim.rows:
+        run_rows(runtime, batch_id, claim)
 
 
 def run_rows(runtime, batch_id, claim):
     """Feed the claimed rows to the engine loop and store their outcomes in
-    groups as they finish, renewing the leases of the rest.
-
-    Returns:
-        How many rows went back to the queue to be tried again.
-    """
+    groups as they finish, renewing the leases of the rest."""
     settings = runtime.settings
     rows = {}
     for row in claim.rows:
@@ -167,23 +145,34 @@ def run_rows(runtime, batch_id, claim):
             prompt=row.prompt, messages=row.messages, lane="bulk",
         )
         rows[runtime.loop.submit(request)] = row
-    pending, requeued = set(rows), 0
+    pending = set(rows)
     renew_at = time.monotonic() + settings.lease_seconds / 3
     while pending:
         ended, pending = wait_for_futures(pending, timeout=FLUSH_INTERVAL)
         if ended:
-            requeued += store_outcomes(runtime, batch_id, [(rows[future], future) for future in ended])
+            store_outcomes(runtime, batch_id, [(rows[future], future) for future in ended])
         if pending and time.monotonic() >= renew_at:
-            with transaction(runtime.sessions) as session:
-                batches.renew_leases(session, [rows[future].id for future in pending], runtime.worker_id,
-                                     settings.lease_seconds)
+            renew_leases(runtime, [rows[future].id for future in pending])
             renew_at = time.monotonic() + settings.lease_seconds / 3
-    return requeued
+
+
+def renew_leases(runtime, job_ids):
+    """Extend the rows' leases; skipped while the database is unreachable
+    (the outcomes are stored once it is back)."""
+    try:
+        with transaction(runtime.sessions) as session:
+            batches.renew_leases(session, job_ids, runtime.worker_id, runtime.settings.lease_seconds)
+    except Exception as e:
+        if not is_unreachable(e):
+            raise
+        log.warning("could not renew the leases of %d rows: the database is unreachable", len(job_ids))
 
 
 def store_outcomes(runtime, batch_id, ended):
-    """Write a group of ended rows in one transaction; returns how many were requeued."""
-    max_attempts = runtime.settings.max_attempts
+    """Write a group of ended rows in one transaction: results, failures,
+    and rows to be tried again (back to the queue, their chunks sent again
+    after ``retry_delay``)."""
+    settings = runtime.settings
     generations, failures, retries = [], [], []
     for row, future in ended:
         error = future.exception()
@@ -192,12 +181,15 @@ def store_outcomes(runtime, batch_id, ended):
             generations.append((row.id, g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens))
         elif isinstance(error, EngineRejectedError):
             failures.append((row.id, "engine_rejected", str(error)))
-        elif row.attempts < max_attempts:
+        elif row.attempts < settings.max_attempts:
             retries.append((row.id, f"{type(error).__name__}: {error}"))
         else:
             failures.append((row.id, "engine_error", f"failed after {row.attempts} attempts: {error}"))
-    with transaction(runtime.sessions) as session:
+
+    def store(session):
         batches.record_outcomes(session, batch_id, runtime.worker_id, generations, failures)
         for job_id, message in retries:
-            leases.requeue_job(session, job_id, runtime.worker_id, "engine_error", message)
-    return len(retries)
+            batches.requeue_rows(session, batch_id, [Job.id == job_id, Job.lease_owner == runtime.worker_id],
+                                 settings.retry_delay, error_code="engine_error", error_message=message)
+
+    runtime.write(store)

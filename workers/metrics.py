@@ -16,3 +16,11 @@ WEBHOOK_ATTEMPTS = Counter(
     "Webhook delivery attempts, by what the event became: delivered, pending (a retry is due later) or failed",
     ["result"],
 )
+
+DISPATCHED = Counter(
+    "qe_dispatcher_messages_total", "Messages the dispatcher sent, by kind (job, chunk, webhook)", ["kind"])
+LOST = Counter(
+    "qe_dispatcher_lost_messages_total", "Messages found missing from the broker and sent again, by kind", ["kind"])
+BROKER_LOSSES = Counter("qe_dispatcher_broker_losses_total", "Times the broker was found to have lost its data")
+RECOVERED = Counter(
+    "qe_dispatcher_recovered_total", "Jobs and batch rows whose worker died, by outcome (requeued, failed)", ["outcome"])

@@ -1,36 +1,135 @@
-"""Putting work on the broker: which message goes to which queue."""
+"""Putting work on the broker: which message goes to which queue.
+
+Every queue is reached through the default exchange, straight to the queue
+named by the routing key, so no binding has to exist in Redis: a Redis that
+restarted without its data takes the messages at once.
+
+A send never raises for a broker that is down: it returns what it could not
+send, and the caller marks that unsent in the database (``queue_engine.dispatch``)
+for the dispatcher to send when the broker is back.
+"""
+
+import logging
+import time
 
 from kombu import Exchange, Queue
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
-from queue_engine import keys
+from queue_engine import dispatch, faults, keys
+from queue_engine.db import run_transaction
+
+log = logging.getLogger(__name__)
+
+#: What a broker that is down or unreachable raises.
+BROKER_ERRORS = (KombuError, RedisError, OSError)
+#: Seconds a process stops trying the broker after it refused a send: the
+#: dispatcher sends what waits once the broker is back.
+PAUSE_AFTER_REFUSAL = 5.0
 
 
-def send_job(app, job):
-    """Put a single job on its model's interactive queue.
+class Sender:
+    """Sends the messages of work a process just committed (the web's
+    submissions, a worker's next tribunal steps).
 
-    A job with ``priority: bulk`` travels there too (the bulk queue carries
-    batch chunks only) and takes a bulk seat in the engine, behind batch rows.
+    The work was stored marked sent; what the broker refuses is marked unsent
+    again, in the database, for the dispatcher. After a refusal the sender
+    leaves the broker alone for a few seconds, so that while it is down a
+    submission does not wait for it to time out.
     """
-    app.send_task(keys.RUN_JOB_TASK, args=[job.id], queue=keys.queue_name(job.model, "interactive"))
+
+    def __init__(self, app, sessions, settings):
+        self.app, self.sessions, self.settings = app, sessions, settings
+        self._paused_until = 0.0
+
+    def send(self, jobs=(), chunks=()):
+        """Send ``(job_id, model)`` jobs and ``(batch_id, chunk, model)`` chunks; never raises for the broker."""
+        faults.crash_point(self.settings, faults.AFTER_COMMIT)
+        if time.monotonic() < self._paused_until:
+            unsent_jobs, unsent_chunks = [job_id for job_id, _ in jobs], list(chunks)
+        else:
+            unsent_jobs, unsent_chunks = send_jobs(self.app, jobs), send_chunks(self.app, chunks)
+        if not (unsent_jobs or unsent_chunks):
+            return True
+        self._paused_until = time.monotonic() + PAUSE_AFTER_REFUSAL
+        try:
+            run_transaction(self.sessions, lambda session: (
+                dispatch.release_jobs(session, unsent_jobs),
+                dispatch.release_chunks(session, [(batch_id, chunk) for batch_id, chunk, _ in unsent_chunks])))
+        except Exception:
+            # Still marked sent: the dispatcher finds them missing from the broker.
+            log.warning("could not mark %d unsent messages in the database", len(unsent_jobs) + len(unsent_chunks),
+                        exc_info=True)
+        return False
 
 
-def bulk_queue(model):
-    """The kombu queue of ``model``'s bulk lane.
-
-    Messages go through the default exchange straight to the queue named by
-    the routing key, so no binding has to exist in Redis (a Redis restarted
-    without its data still takes them).
-    """
-    name = keys.queue_name(model, "bulk")
+def direct_queue(name):
+    """The kombu queue ``name``, reached through the default exchange."""
     return Queue(name, Exchange(""), routing_key=name)
 
 
-def send_chunks(app, batch):
-    """Put one message per chunk of ``batch`` on its model's bulk lane."""
-    queue = bulk_queue(batch.model)
-    with app.producer_or_acquire() as producer:
-        for chunk in range(batch.chunks):
-            producer.publish(
-                {"batch_id": batch.id, "chunk": chunk}, exchange="", routing_key=queue.routing_key,
-                serializer="json", retry=True, retry_policy=app.conf.task_publish_retry_policy,
-            )
+def bulk_queue(model):
+    """The kombu queue of ``model``'s bulk lane."""
+    return direct_queue(keys.queue_name(model, "bulk"))
+
+
+def send_jobs(app, jobs):
+    """Put one message per job on its model's interactive queue.
+
+    A job with ``priority: bulk`` travels there too (the bulk queue carries
+    batch chunks only) and takes a bulk seat in the engine, behind batch rows.
+
+    Args:
+        jobs: ``(job_id, model)`` pairs.
+
+    Returns:
+        The ids of the jobs that could not be sent; empty when all went.
+    """
+    def publish(producer, job):
+        job_id, model = job
+        app.send_task(keys.RUN_JOB_TASK, args=[job_id], queue=direct_queue(keys.queue_name(model)), producer=producer)
+
+    return [job_id for job_id, _ in _send_each(app, jobs, publish, "job")]
+
+
+def send_chunks(app, chunks):
+    """Put one message per chunk of batch rows on its model's bulk queue.
+
+    Args:
+        chunks: ``(batch_id, chunk, model)`` triples.
+
+    Returns:
+        The triples that could not be sent; empty when all went.
+    """
+    def publish(producer, chunk):
+        batch_id, number, model = chunk
+        producer.publish({"batch_id": batch_id, "chunk": number}, exchange="",
+                         routing_key=keys.queue_name(model, "bulk"), serializer="json",
+                         retry=True, retry_policy=app.conf.task_publish_retry_policy)
+
+    return _send_each(app, chunks, publish, "chunk")
+
+
+def send_webhook_events(app, event_ids):
+    """Put one delivery task per webhook event on ``qe.webhooks``; returns the ids not sent."""
+    def publish(producer, event_id):
+        app.send_task(keys.DELIVER_WEBHOOK_TASK, args=[event_id], queue=direct_queue(keys.WEBHOOK_QUEUE),
+                      producer=producer)
+
+    return _send_each(app, event_ids, publish, "webhook")
+
+
+def _send_each(app, items, publish, kind):
+    """``publish(producer, item)`` each item in order, on one producer; returns
+    the items from the first one the broker refused on."""
+    items = list(items)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for item in items:
+                publish(producer, item)
+                sent += 1
+    except BROKER_ERRORS as e:
+        log.warning("the broker refused %d %s messages (%s: %s); they wait in the database",
+                    len(items) - sent, kind, type(e).__name__, e)
+    return items[sent:]

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from celery import signals
 
 from queue_engine import allocations, keys, leases
-from queue_engine.db import make_sessions, transaction, upgrade_database
+from queue_engine.db import make_sessions, run_transaction, transaction, upgrade_database
 
 from .batcher import EngineLoop
 from .bulk import BulkConsumer
 from .celery_app import make_celery
+from .dispatcher import start_dispatcher
 from .engine import EngineSettings, VllmEngine
-from .webhooks import start_relay
+from .publish import Sender
+from .webhooks import attach_delivery
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,12 @@ class WorkerRuntime:
     sessions: object
     loop: EngineLoop
     worker_id: str
+    sender: Sender
+
+    def write(self, work):
+        """Run ``work(session)`` in a transaction, retried while the database
+        is unreachable (for ``database_retry_seconds``)."""
+        return run_transaction(self.sessions, work, self.settings.database_retry_seconds)
 
 
 def load_runtime(celery_app, model, log=log.info):
@@ -38,12 +46,14 @@ def load_runtime(celery_app, model, log=log.info):
     engine_settings = EngineSettings.from_profile(profile, settings, log=log)
     log(f"loading {model!r} from {engine_settings.model_dir}")
     engine = VllmEngine(engine_settings)
+    sessions = make_sessions(settings.sqlalchemy_url)
     runtime = WorkerRuntime(
         settings=settings,
         model=model,
-        sessions=make_sessions(settings.sqlalchemy_url),
+        sessions=sessions,
         loop=EngineLoop(engine).start(),
         worker_id=leases.worker_identity(),
+        sender=Sender(celery_app, sessions, settings),
     )
     celery_app.qe_runtime = runtime
     # Celery's threads pool looks tasks up on the process's default app.
@@ -107,8 +117,8 @@ def register_allocation(runtime, environ=os.environ):
 
 def start_embedded_worker(settings, model, log=log.info):
     """Embedded mode: migrate the database and run a worker for ``model`` in a
-    background thread of this process, on the in-process broker. It delivers
-    webhooks too.
+    background thread of this process, on the in-process broker, with the
+    dispatcher beside it. It delivers webhooks too.
 
     Call it before Flask is imported: vLLM 0.32 scans every loaded module
     while it starts and trips over werkzeug's unbound context proxies.
@@ -120,7 +130,8 @@ def start_embedded_worker(settings, model, log=log.info):
     celery_app = make_celery(settings)
     runtime = load_runtime(celery_app, model, log=log)
     BulkConsumer(celery_app, runtime).start()
-    start_relay(celery_app, settings, runtime.sessions)
+    attach_delivery(celery_app, settings, runtime.sessions)
+    start_dispatcher(celery_app, runtime.sessions, settings)
     options = worker_options(settings, model)
     options["queues"].append(keys.WEBHOOK_QUEUE)
     controller = celery_app.WorkController(loglevel="WARNING", without_heartbeat=True, **options)

@@ -1,11 +1,11 @@
-"""Delivering webhook events: the relay that sends due events to the
-``qe.webhooks`` queue, and the Celery task that makes one attempt.
+"""Delivering webhook events: the Celery task that makes one attempt.
 
-The delivery queue is never a model queue, so a GPU worker never waits on a
-slow receiver. ``serve`` runs the relay and a threads-pool worker for the
-queue (in embedded mode the in-process worker takes the queue as well). What
-an event is, how it is signed and when it is retried is in
-``queue_engine/webhooks.py``; this module only moves it and speaks HTTP.
+The dispatcher (``dispatcher.py``) sends a task for each due event to the
+``qe.webhooks`` queue. The delivery queue is never a model queue, so a GPU
+worker never waits on a slow receiver: ``serve`` runs a threads-pool worker
+for it (in embedded mode the in-process worker takes the queue as well).
+What an event is, how it is signed and when it is retried is in
+``queue_engine/webhooks.py``; this module only speaks HTTP.
 """
 
 import logging
@@ -16,8 +16,6 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import urllib3
-from kombu import Exchange, Queue
-
 from queue_engine import keys, targets, webhooks
 from queue_engine.db import transaction
 from queue_engine.models import utcnow
@@ -28,8 +26,6 @@ log = logging.getLogger(__name__)
 
 #: Task threads of a delivery worker: attempts in flight at once.
 DELIVERY_THREADS = 16
-#: Seconds between the relay's looks for due events.
-RELAY_INTERVAL = 0.25
 #: The most of a receiver's answer that is read (it is not used).
 MAX_ANSWER_BYTES = 65536
 
@@ -44,12 +40,6 @@ class DeliveryContext:
 
 def register_tasks(app):
     app.task(name=keys.DELIVER_WEBHOOK_TASK, bind=True, shared=False)(deliver_webhook)
-
-
-def webhook_queue():
-    """The delivery queue, reached through the default exchange (as the bulk
-    lane is), so no exchange binding has to exist in Redis."""
-    return Queue(keys.WEBHOOK_QUEUE, Exchange(""), routing_key=keys.WEBHOOK_QUEUE)
 
 
 def deliver_webhook(task, event_id):
@@ -134,64 +124,16 @@ def retry_after_seconds(value, now=None):
     return max(0.0, (when - (now or utcnow())).total_seconds())
 
 
-class WebhookRelay:
-    """A thread that sends every due event to the delivery queue.
-
-    Several relays (one per ``serve``) may run: each event is claimed by one.
-    """
-
-    def __init__(self, celery_app, sessions, interval=RELAY_INTERVAL):
-        self.celery_app, self.sessions, self.interval = celery_app, sessions, interval
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="webhook-relay", daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stopping.set()
-        self._thread.join(10)
-
-    def _run(self):
-        while not self._stopping.is_set():
-            try:
-                sent = self.relay_once()
-            except Exception:
-                log.exception("the webhook relay failed; trying again")
-                sent = 0
-            if not sent:
-                self._stopping.wait(self.interval)
-
-    def relay_once(self):
-        """Claim the due events and send a task for each; returns how many were sent."""
-        with transaction(self.sessions) as session:
-            event_ids = webhooks.claim_due(session)
-        sent = 0
-        try:
-            for event_id in event_ids:
-                self.celery_app.send_task(keys.DELIVER_WEBHOOK_TASK, args=[event_id], queue=webhook_queue())
-                sent += 1
-        except Exception:
-            with transaction(self.sessions) as session:
-                webhooks.release(session, event_ids[sent:])
-            raise
-        return sent
-
-
-def start_relay(celery_app, settings, sessions):
-    """Attach what the delivery task needs to ``celery_app`` and start a relay.
-
-    The app's worker must consume ``qe.webhooks`` (see :func:`start_delivery`).
-    """
+def attach_delivery(celery_app, settings, sessions):
+    """Give ``celery_app``'s delivery tasks what they need; its worker must
+    consume ``qe.webhooks`` (see :func:`start_delivery`)."""
     celery_app.qe_webhooks = DeliveryContext(settings, sessions)
-    return WebhookRelay(celery_app, sessions).start()
 
 
 def start_delivery(celery_app, settings, sessions, concurrency=DELIVERY_THREADS):
-    """Cluster mode: a relay and a threads-pool worker for ``qe.webhooks``,
-    in background threads of this process (``serve`` runs them)."""
-    relay = start_relay(celery_app, settings, sessions)
+    """Cluster mode: a threads-pool worker for ``qe.webhooks`` in a
+    background thread of this process (``serve`` runs it)."""
+    attach_delivery(celery_app, settings, sessions)
     celery_app.set_default()  # the threads pool looks tasks up on the default app
     controller = celery_app.WorkController(
         pool="threads", concurrency=concurrency, queues=[keys.WEBHOOK_QUEUE], hostname="webhooks@%h",
@@ -199,4 +141,4 @@ def start_delivery(celery_app, settings, sessions, concurrency=DELIVERY_THREADS)
         loglevel="WARNING",
     )
     threading.Thread(target=controller.start, name="webhook-delivery", daemon=True).start()
-    return relay, controller
+    return controller

@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from queue_engine.client import Client
-from queue_engine.db import make_sessions
+from queue_engine.db import make_sessions, upgrade_database
 from queue_engine.settings import load_settings
-from tests.conftest import make_key
+from tests.conftest import make_key, new_postgres_database
 from slurm.commands import Slurm
 from tests.helpers import ROOT, RedisServer, free_port, spawn, stop_process, wait_until, wait_until_serving
 from workers.engine import resolve_model_dir
@@ -69,15 +69,17 @@ def local_slurm(tmp_path_factory):
 PATH_SETUP = f"export PATH={Path(sys.executable).parent}:$PATH"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
+    """A redis-server of the test module's own (no module sees another's messages)."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
 
 
 class Cluster:
-    """Cluster mode on one machine: web in this process, workers as subprocesses."""
+    """Cluster mode on one machine: web and its dispatcher in this process (as
+    `queue-engine serve` runs them), workers as subprocesses."""
 
     def __init__(self, directory, tiny_model_dir, redis_url, database_url, config_toml="", **settings):
         """``config_toml`` adds to the configuration file: more model profiles
@@ -105,8 +107,11 @@ class Cluster:
     def _start_web(self):
         from web import create_app
         from web.server import build_server
+        from workers.dispatcher import start_dispatcher
 
-        self.server = build_server(create_app(self.settings), port=0)
+        app = create_app(self.settings)
+        self.dispatcher = start_dispatcher(app.extensions["celery"], app.extensions["qe_sessions"], self.settings)
+        self.server = build_server(app, port=0)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         threading.Thread(target=self.server.run, daemon=True).start()
 
@@ -149,6 +154,7 @@ class Cluster:
     def stop(self):
         for process in [worker.process for worker in self.workers] + self.processes:
             stop_process(process)
+        self.dispatcher.stop()
         self.server.close()
         self.sessions.kw["bind"].dispose()
 
@@ -171,13 +177,18 @@ class Worker:
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def cluster_database_url(request):
-    """PostgreSQL, as a cluster runs; SQLite only where no PostgreSQL is reachable."""
+@pytest.fixture(scope="module")
+def cluster_database_url(tmp_path_factory):
+    """A database of the test module's own, so no module finds another's
+    leftover work (a dispatcher would send it): PostgreSQL, as a cluster
+    runs; SQLite only where no PostgreSQL is reachable."""
     try:
-        return request.getfixturevalue("postgres_url")
+        with new_postgres_database() as url:
+            yield url
     except pytest.skip.Exception:
-        return request.getfixturevalue("sqlite_url")
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'queue-engine.db'}"
+        upgrade_database(url)
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,13 @@ class ScaleOut:
 
     def __init__(self, directory, tiny_model_dir, redis_url, database_url, local_slurm):
         self.deployment = f"e2e{secrets.token_hex(3)}"
+        # leader_ttl 3: an autoscaler SIGKILLed mid-test is succeeded by its restart within 3 s.
         config = (f'[autoscaler]\ndeployment = "{self.deployment}"\ninterval = 1\nidle_grace = {IDLE_GRACE}\n'
-                  "backoff = 1\n"
+                  "backoff = 1\nleader_ttl = 3\n"
                   '[models.tiny.slurm]\ngpus = 1\ncpus = 2\nmem = "3G"\ntime = "00:30:00"\n'
                   f"max_workers = {MAX_WORKERS}\ntarget_backlog_per_worker = 64\nsetup = [\"{PATH_SETUP}\"]\n")
         self.cluster = Cluster(directory, tiny_model_dir, redis_url, database_url, config_toml=config,
-                               lease_seconds=3, visibility_timeout=10)
+                               lease_seconds=3)
         self.slurm = local_slurm.client()
         self.name = job_name(self.deployment, "tiny")
         self.env = {**self.cluster.env, **local_slurm.env}

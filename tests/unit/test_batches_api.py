@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from queue_engine import keys
 from queue_engine.models import Batch, Job
 from tests.conftest import make_key
-from tests.helpers import assert_matches_openapi, free_port
+from tests.helpers import assert_matches_openapi
 
 BULK = keys.queue_name("tiny", "bulk")
 
@@ -199,11 +199,3 @@ def test_batch_rows_are_jobs_but_stay_out_of_the_job_list(app, client, auth, bro
     job = client.get(f"/api/v1/jobs/{job_id}", headers=auth).get_json()
     assert (job["kind"], job["batch_id"], job["custom_id"], job["priority"]) == (
         "batch_item", batch["id"], "row-a", "bulk")
-
-
-def test_with_the_broker_down_an_upload_is_refused_and_nothing_is_kept(make_app, auth_for):
-    app = make_app(broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    response = upload(app.test_client(), auth_for(app), "prompt\na\nb\n")
-    assert response.status_code == 503
-    assert response.get_json()["error"]["code"] == "broker_unavailable"
-    assert stored(app) == (0, 0)

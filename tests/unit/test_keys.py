@@ -12,6 +12,7 @@ def test_queue_names_are_pinned():
     assert keys.model_queues("llama-70b") == ["qe.llama-70b.interactive", "qe.llama-70b.bulk"]
     assert keys.WEBHOOK_QUEUE == "qe.webhooks"
     assert keys.RUN_JOB_TASK == "queue_engine.run_job"
+    assert keys.BROKER_MARKER == "qe:broker-marker"
 
 
 def test_queue_name_rejects_unknown_lane():

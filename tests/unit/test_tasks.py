@@ -1,6 +1,7 @@
-"""The run_job task's retry policy, with a real Celery worker on the in-process
-broker and an engine scripted to fail. (The real engine is exercised by the
-integration tests; this is about what the task does when an engine call fails.)"""
+"""The run_job task's retry policy, with a real Celery worker and the
+dispatcher on the in-process broker, and an engine scripted to fail. (The
+real engine is exercised by the integration tests; this is about what the
+task does when an engine call fails.)"""
 
 import threading
 
@@ -15,8 +16,9 @@ from tests.conftest import make_key
 from tests.helpers import wait_until
 from workers.batcher import EngineLoop
 from workers.celery_app import make_celery
-from workers.publish import send_job
+from workers.dispatcher import Dispatcher
 from workers.engine import Generation
+from workers.publish import Sender, send_jobs
 from workers.runtime import WorkerRuntime, worker_options
 
 
@@ -53,15 +55,16 @@ def run_with_engine(tmp_path, database_url, sessions):
     def run(engine):
         app = make_celery(settings)
         loop = EngineLoop(engine, idle_wait=0.01).start()
-        app.qe_runtime = WorkerRuntime(settings, "tiny", sessions, loop, "test-worker")
+        app.qe_runtime = WorkerRuntime(settings, "tiny", sessions, loop, "test-worker", Sender(app, sessions, settings))
         app.set_default()
         controller = app.WorkController(loglevel="WARNING", without_heartbeat=True,
                                         **worker_options(settings, "tiny", concurrency=4))
         threading.Thread(target=controller.start, daemon=True).start()
-        started.append((controller, loop))
+        dispatcher = Dispatcher(app, sessions, settings).start()  # sends each retry after its delay
+        started.append((controller, loop, dispatcher))
         with transaction(sessions) as session:
             job, _ = jobs.create_job(session, owner, JobCreate(model="tiny", prompt="hi"), settings)
-        send_job(app, job)
+        send_jobs(app, [(job.id, job.model)])
 
         def finished():
             with sessions() as session:
@@ -71,7 +74,8 @@ def run_with_engine(tmp_path, database_url, sessions):
         return wait_until(finished, 30, "the job to finish")
 
     yield run
-    for controller, loop in started:
+    for controller, loop, dispatcher in started:
+        dispatcher.stop()
         controller.stop(in_sighandler=False)
         loop.stop()
 

@@ -11,14 +11,14 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from queue_engine import jobs, leases, tribunal
+from queue_engine import jobs, leases, recovery, tribunal
 from queue_engine.db import transaction
 from queue_engine.errors import InvalidRequestError, NoSuchJobError
-from queue_engine.models import Job
+from queue_engine.models import Job, utcnow
 from queue_engine.schemas import TribunalCreate
 from queue_engine.settings import ModelProfile, load_settings
 from tests.conftest import make_key
-from tests.unit.test_jobs import expire_lease
+from tests.unit.test_recovery import expire_lease
 
 FULL = tribunal.Decision(False)
 
@@ -46,7 +46,7 @@ def new_tribunal(sessions, settings, owner, decision=FULL, **fields):
 def run_step(sessions, settings, step_id, text=None, worker="w1", fail=None):
     """Claim a step and end it as a worker does; returns the steps that follow."""
     with transaction(sessions) as session:
-        claimed = leases.claim_job(session, step_id, worker, 30, 3).job
+        claimed = leases.claim_job(session, step_id, worker, 30)
         assert claimed is not None, f"step {step_id} could not be claimed"
         tribunal.step_started(session, claimed.parent_id)
     with transaction(sessions) as session:
@@ -154,7 +154,7 @@ def test_cancel_stops_the_steps_and_schedules_nothing(sessions, settings, owner)
     job, candidates = new_tribunal(sessions, settings, owner)
     run_step(sessions, settings, candidates[0].id)
     with transaction(sessions) as session:
-        assert leases.claim_job(session, candidates[1].id, "w2", 30, 3).job is not None
+        assert leases.claim_job(session, candidates[1].id, "w2", 30) is not None
         jobs.cancel_job(session, owner, job.id)
     assert [s.status for s in steps_of(sessions, job.id)] == ["succeeded", "cancelled"]
     with transaction(sessions) as session:
@@ -165,15 +165,16 @@ def test_cancel_stops_the_steps_and_schedules_nothing(sessions, settings, owner)
 
 
 def test_a_step_lost_too_often_fails_its_tribunal(sessions, settings, owner):
+    """A step whose workers keep dying is requeued, then failed as worker_lost, and fails its tribunal."""
     job, [first, _] = new_tribunal(sessions, settings, owner)
     for worker in ("a", "b", "c"):
         with transaction(sessions) as session:
-            assert leases.claim_job(session, first.id, worker, 30, 3).job is not None
+            assert leases.claim_job(session, first.id, worker, 30) is not None
             tribunal.step_started(session, job.id)
         expire_lease(sessions, first.id)
-    with transaction(sessions) as session:
-        assert leases.claim_job(session, first.id, "d", 30, 3).gave_up
-        tribunal.step_ended(session, first.id, settings.tribunal)
+        with transaction(sessions) as session:
+            recovered = recovery.recover_abandoned(session, settings, utcnow())
+        assert recovered == ((0, 1) if worker == "c" else (1, 0))
     failed = reload(sessions, job.id)
     assert failed.status == "failed" and failed.error_code == "worker_lost"
     assert failed.error_message.startswith("candidate 1 of 2 (model tiny) failed: the worker running this job was lost")
@@ -234,7 +235,7 @@ def test_candidates_ending_together_schedule_one_critique(sessions, settings, ow
     job, candidates = new_tribunal(sessions, settings, owner)
     for step in candidates:
         with transaction(sessions) as session:
-            leases.claim_job(session, step.id, step.id, 30, 3)
+            leases.claim_job(session, step.id, step.id, 30)
             tribunal.step_started(session, job.id)
     both_completed = threading.Barrier(2)
     scheduled = []

@@ -11,10 +11,8 @@ from sqlalchemy import func, select
 
 from queue_engine import keys
 from queue_engine.models import Job
-from queue_engine.settings import ModelProfile, load_settings
-from tests.conftest import make_key
-from tests.helpers import assert_matches_openapi, free_port
-from web import create_app
+from queue_engine.settings import ModelProfile
+from tests.helpers import assert_matches_openapi
 
 TWO_MODELS = {"tiny-b": ModelProfile(path="tiny", engine_args={"max_model_len": 256, "seed": 1})}
 BODY = {"prompt": "What is a tuple?", "candidates": ["tiny", "tiny-b", "tiny"], "judge": "tiny-b",
@@ -153,16 +151,3 @@ def test_cancel_a_queued_tribunal(client, app, auth, broker, spec):
     with app.extensions["qe_sessions"]() as session:
         steps = session.scalars(select(Job.status).where(Job.parent_id == job["id"])).all()
     assert steps == ["cancelled"] * 3
-
-
-def test_broker_down_is_503_and_stores_nothing(tmp_path, database_url, spec):
-    settings = load_settings(environ={}, data_dir=tmp_path, database_url=database_url,
-                             broker_url=f"redis://127.0.0.1:{free_port()}/0", models=TWO_MODELS)
-    app = create_app(settings)
-    key, _ = make_key(app.extensions["qe_sessions"], "carol")
-    for bypass in ("auto", "never"):
-        response = app.test_client().post("/api/v1/tribunals", json={**BODY, "bypass": bypass},
-                                          headers={"Authorization": f"Bearer {key.key}"})
-        assert response.status_code == 503
-        assert assert_matches_openapi(spec, "/api/v1/tribunals", "post", response)["error"]["code"] == "broker_unavailable"
-    assert job_count(app) == 0

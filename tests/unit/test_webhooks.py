@@ -51,7 +51,7 @@ def submit(sessions, settings, owner, **fields):
 def end_job(sessions, job_id, fail=None):
     """End a job as ``workers.tasks.end_job`` does: outcome and event in one transaction."""
     with transaction(sessions) as session:
-        assert leases.claim_job(session, job_id, "w1", 30, 3).job is not None
+        assert leases.claim_job(session, job_id, "w1", 30) is not None
     with transaction(sessions) as session:
         if fail:
             assert leases.fail_job(session, job_id, "w1", "engine_rejected", fail)
@@ -134,7 +134,7 @@ def new_batch(sessions, settings, owner, csv_text, webhook_url=HOOK):
 
 def run_chunk(sessions, batch_id, chunk=0):
     with transaction(sessions) as session:
-        claim = batches.claim_chunk(session, batch_id, chunk, "w1", 30, 3)
+        claim = batches.claim_chunk(session, batch_id, chunk, "w1", 30)
         batches.record_outcomes(session, batch_id, "w1", [(row.id, "ok", "stop", 1, 1) for row in claim.rows])
 
 

@@ -67,7 +67,7 @@ def ended_job_with_attempts(app, client, auth, outcomes):
     job_id = response.get_json()["id"]
     sessions = app.extensions["qe_sessions"]
     with transaction(sessions) as session:
-        leases.claim_job(session, job_id, "w1", 30, 3)
+        leases.claim_job(session, job_id, "w1", 30)
     with transaction(sessions) as session:
         leases.complete_job(session, job_id, "w1", "hi", "stop", 1, 1)
         event = jobs.announce_end(session, job_id)
