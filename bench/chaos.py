@@ -3,8 +3,9 @@
 For each database, the rig of tests/chaos.py: a redis-server and (for
 PostgreSQL) a cluster of this run's own, `queue-engine serve`, one
 `queue-engine worker` (vLLM, CPU build, tiny model) and a webhook receiver.
-Then, one after another, each fault while a mix of work is in flight (single
-jobs, a third of them with a webhook, a tribunal, a batch):
+Then, one after another, the mix of work with no fault (single jobs, a third
+of them with a webhook, a tribunal, a batch), and each fault while such a mix
+is in flight:
 
 - redis_restarted_empty: Redis SIGKILLed, back empty after ``--outage`` s;
 - redis_down_while_submitting: the mix submitted while Redis is down;
@@ -17,8 +18,10 @@ jobs, a third of them with a webhook, a tribunal, a batch):
 
 For each: items accepted and ended, lost (never ended; the promise is 0), run
 twice (an engine finished a generation that was not stored as its result;
-the promise is 0), webhook events delivered, and seconds from the fault's end
-to the last item's end. Prints one JSON object last.
+the promise is 0), webhook events delivered, seconds from the fault's end to
+the last item's end, and from the first submission to the last end (compare
+with ``no_fault``: the difference is what the fault cost). Prints one JSON
+object last.
 
     python bench/chaos.py [--jobs 30] [--rows 2000] [--lease 5] [--outage 5]
 """
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from tests.chaos import (  # noqa: E402
     Rig,
     killed_between_commit_and_send,
+    no_fault,
     postgres_restarted,
     redis_down_while_submitting,
     redis_restarted_empty,
@@ -60,6 +64,7 @@ def run_faults(database, model_dir, args):
         rig.start_serve()
         rig.start_worker()
         started = time.monotonic()
+        results["no_fault"] = no_fault(rig, **mix)
         results["redis_restarted_empty"] = redis_restarted_empty(rig, outage=args.outage, **mix)
         results["redis_down_while_submitting"] = redis_down_while_submitting(rig, outage=args.outage, **mix)
         if postgres is not None:

@@ -43,6 +43,7 @@ class Work(NamedTuple):
     batches: list  # ids
     rows: int  # batch rows in all
     hooked: list  # ids of the jobs that have a webhook_url
+    submitted_at: float = 0.0  # unix time of the first submission
 
     @property
     def accepted(self):
@@ -163,6 +164,7 @@ class Rig:
     def submit_mix(self, jobs=12, rows=200, max_tokens=200, tribunal=True, client=None):
         """Single jobs (a third with a webhook), a tribunal and a batch."""
         client = client or self.client()
+        submitted_at = time.time()
         params = {"max_tokens": max_tokens, "temperature": 0}
         ids, hooked = [], []
         for number in range(jobs):
@@ -181,7 +183,7 @@ class Rig:
         if rows:
             data = io.BytesIO(("prompt\n" + "".join(f"Row {n} of the chaos batch\n" for n in range(rows))).encode())
             batches.append(client.submit_batch(data, "tiny", filename="chaos.csv", params=params)["id"])
-        return Work(ids, batches, rows, hooked)
+        return Work(ids, batches, rows, hooked, submitted_at)
 
     def ended(self, work):
         """How many of ``work``'s jobs and batch rows have ended."""
@@ -251,10 +253,17 @@ class Rig:
             "webhook_events": len(work.hooked),
             "webhook_events_delivered": self.delivered(work),
             "seconds_to_last_end": round(max(0.0, self.last_end(work) - fault_end), 2),
+            "seconds_from_submission_to_last_end": round(self.last_end(work) - work.submitted_at, 2),
         }
 
 
 # --- the faults --------------------------------------------------------------------------
+
+
+def no_fault(rig, timeout=180, **mix):
+    """The same mix with nothing broken: what the faults' times compare with."""
+    work = rig.submit_mix(**mix)
+    return rig.figures(work, rig.wait_ended(work, timeout), work.submitted_at)
 
 
 def redis_restarted_empty(rig, outage=2.0, timeout=180, **mix):
@@ -313,7 +322,7 @@ def worker_killed_while_taking(rig, kills=2, jobs=150, timeout=240):
         wait_until(lambda: not held_by(rig, victim.pid), timeout, "the dead worker's jobs to run elsewhere", 0.1)
         recoveries.append(round(time.monotonic() - killed_at, 2))
     fault_end = time.time()
-    work = Work(ids, [], 0, [])
+    work = Work(ids, [], 0, [], fault_end)
     figures = rig.figures(work, rig.wait_ended(work, timeout), fault_end)
     return {**figures, "seconds_to_recover_each_kill": recoveries}
 
@@ -356,6 +365,6 @@ def killed_between_commit_and_send(rig, timeout=180):
     rig.workers.remove(crashing)
     rig.start_worker(warm=False)
     fault_end = time.time()
-    work = Work([job["id"], tribunal["id"]], batch_ids, 3 * len(batch_ids), [])
+    work = Work([job["id"], tribunal["id"]], batch_ids, 3 * len(batch_ids), [], fault_end)
     figures = rig.figures(work, rig.wait_ended(work, timeout), fault_end)
     return {**figures, "serve_at_fault": outcomes, "worker_exit_at_fault": crashing.process.returncode}

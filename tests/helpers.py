@@ -5,10 +5,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import jsonschema
+from sqlalchemy import text
+
+from queue_engine.db import transaction
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +33,25 @@ def wait_until(predicate, timeout, message, interval=0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def race(sessions, attempts):
+    """Run each ``attempt(session)`` in a transaction of its own, in threads,
+    every transaction begun before any attempt runs: their results, in order."""
+    barrier, results = threading.Barrier(len(attempts)), [None] * len(attempts)
+
+    def contend(index, attempt):
+        with transaction(sessions) as session:
+            session.execute(text("SELECT 1"))  # the transaction has begun
+            barrier.wait()
+            results[index] = attempt(session)
+
+    threads = [threading.Thread(target=contend, args=item) for item in enumerate(attempts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
 
 
 class RedisServer:

@@ -36,8 +36,6 @@ from .publish import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 
 log = logging.getLogger(__name__)
 
-LANES = ("interactive", "bulk")
-
 
 class Dispatcher:
     """Sends what waits in the database and repairs what the broker lost.
@@ -167,7 +165,7 @@ class Dispatcher:
         channel = self._channel()
         before = utcnow()
         for model in self.settings.models:
-            for lane in LANES:
+            for lane in keys.LANES:
                 queue = keys.queue_name(model, lane)
                 held = channel.queue_declare(queue=queue, passive=False).message_count
                 unaccounted = dispatch.unaccounted_jobs if lane == "interactive" else dispatch.unaccounted_chunks

@@ -2,7 +2,6 @@
 what a broker that lost its data held, and which sent messages are missing."""
 
 import io
-import threading
 from datetime import timedelta
 
 import pytest
@@ -15,6 +14,7 @@ from queue_engine.models import BatchChunk, Job, WebhookEvent, utcnow
 from queue_engine.schemas import BatchCreate, JobCreate
 from queue_engine.uploads import Upload, read_rows
 from tests.conftest import make_key
+from tests.helpers import race
 
 
 @pytest.fixture
@@ -154,17 +154,8 @@ def test_two_dispatchers_racing_on_postgresql_send_each_job_once(sessions, setti
         pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
     ids = new_jobs(sessions, settings, owner, 40)
     in_session(sessions, lambda session: dispatch.release_jobs(session, ids))
-    barrier, claimed = threading.Barrier(2), []
+    def claim(session):
+        return [job_id for job_id, _ in dispatch.claim_due_jobs(session, utcnow(), 40)]
 
-    def dispatcher():
-        with transaction(sessions) as session:
-            barrier.wait()
-            claimed.append([job_id for job_id, _ in dispatch.claim_due_jobs(session, utcnow(), 40)])
-
-    threads = [threading.Thread(target=dispatcher) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    first, second = claimed
+    first, second = race(sessions, [claim, claim])
     assert sorted(first + second) == sorted(ids) and not set(first) & set(second)

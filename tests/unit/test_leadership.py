@@ -3,6 +3,7 @@ releasing, and two contenders racing for one lease."""
 
 import threading
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import select
@@ -10,6 +11,7 @@ from sqlalchemy import select
 from queue_engine import leadership
 from queue_engine.db import transaction
 from queue_engine.models import LeaderLease, utcnow
+from tests.helpers import race
 
 NAME = leadership.autoscaler_lease("dep")
 
@@ -95,23 +97,9 @@ def test_leadership_leases_of_other_names_are_independent(sessions):
         assert leadership.acquire(session, leadership.autoscaler_lease("other"), "b", 15)
 
 
-def race(sessions, contenders, attempt):
-    """Run ``attempt(session, holder)`` for each contender in a transaction
-    of its own, all started before any ends; ``{holder: result}``."""
-    barrier, results = threading.Barrier(len(contenders)), {}
-
-    def contend(holder):
-        with transaction(sessions) as session:
-            leadership.database_now(session)  # the transaction has begun
-            barrier.wait()
-            results[holder] = attempt(session, holder)
-
-    threads = [threading.Thread(target=contend, args=(holder,)) for holder in contenders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return results
+def race_for(sessions, contenders, attempt):
+    """``attempt(session, holder)`` for each contender, in racing transactions: ``{holder: result}``."""
+    return dict(zip(contenders, race(sessions, [partial(attempt, holder=holder) for holder in contenders])))
 
 
 @pytest.mark.postgres
@@ -119,7 +107,7 @@ def test_leadership_two_contenders_racing_for_a_new_lease_on_postgresql_one_wins
     """Both find no row and insert it; the loser gets False, not an error."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
-    results = race(sessions, ["a", "b"], lambda session, holder: leadership.acquire(session, NAME, holder, 15))
+    results = race_for(sessions, ["a", "b"], lambda session, holder: leadership.acquire(session, NAME, holder, 15))
     assert sorted(results.values()) == [False, True]
     assert lease_row(sessions).holder == next(holder for holder, won in results.items() if won)
 
@@ -130,7 +118,7 @@ def test_leadership_two_contenders_racing_for_a_lease_that_ran_out_on_postgresql
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
     assert acquire(sessions, "old", ttl=1, now=utcnow() - timedelta(seconds=60))
-    results = race(sessions, ["a", "b"], lambda session, holder: leadership.acquire(session, NAME, holder, 15))
+    results = race_for(sessions, ["a", "b"], lambda session, holder: leadership.acquire(session, NAME, holder, 15))
     assert sorted(results.values()) == [False, True]
     assert lease_row(sessions).holder == next(holder for holder, won in results.items() if won)
 

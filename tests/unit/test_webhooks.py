@@ -8,7 +8,6 @@ real receiver in ``tests/integration/test_webhooks.py``.
 
 import io
 import json
-import threading
 from datetime import timedelta
 
 import pytest
@@ -23,6 +22,7 @@ from queue_engine.schemas import BatchCreate, JobCreate
 from queue_engine.settings import ModelProfile, load_settings
 from queue_engine.webhooks import EventState, Outcome
 from tests.conftest import make_key
+from tests.helpers import race
 from tests.unit.test_tribunal import new_tribunal, run_step
 
 HOOK = "https://hooks.example.org/qe"
@@ -203,19 +203,7 @@ def test_two_relays_racing_on_postgresql_split_the_due_events(sessions, settings
         pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
     for _ in range(40):
         end_job(sessions, submit(sessions, settings, owner))
-    barrier, claimed = threading.Barrier(2), []
-
-    def relay():
-        with transaction(sessions) as session:
-            barrier.wait()
-            claimed.append(webhooks.claim_due(session, limit=40))
-
-    threads = [threading.Thread(target=relay) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    first, second = claimed
+    first, second = race(sessions, [lambda session: webhooks.claim_due(session, limit=40)] * 2)
     assert len(first) + len(second) == 40 and not set(first) & set(second)
 
 
