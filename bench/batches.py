@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +42,7 @@ from queue_engine.jobs import create_job  # noqa: E402
 from queue_engine.models import ApiKey, Job  # noqa: E402
 from queue_engine.schemas import JobCreate  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
-from tests.helpers import RedisServer, free_port, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, WebInProcess, free_port, stop_process, wait_until  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
 from workers.publish import send_jobs  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
@@ -129,17 +128,12 @@ def naive_ingest(settings, sessions, rows):
 
 
 class Service:
-    """The web app in this process, one `queue-engine worker` subprocess."""
+    """The web app and its dispatcher in this process, one `queue-engine worker` subprocess."""
 
     def __init__(self, env, settings, model, log_path):
-        from web import create_app
-        from web.server import build_server
-
-        self.app = create_app(settings)
-        self.server = build_server(self.app, port=0)
-        threading.Thread(target=self.server.run, daemon=True).start()
-        self.client = Client(f"http://127.0.0.1:{self.server.effective_port}",
-                             new_key(self.app.extensions["qe_sessions"]), timeout=600)
+        self.web = WebInProcess(settings)
+        self.app = self.web.app
+        self.client = Client(self.web.url, new_key(self.web.sessions), timeout=600)
         self.model = model
         self.worker = subprocess.Popen(
             [PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "worker", "--model", model],
@@ -153,7 +147,7 @@ class Service:
 
     def stop(self):
         stop_process(self.worker)
-        self.server.close()
+        self.web.close()
 
 
 def batch_vs_offline(service, model_dir, prompts, max_tokens, max_in_flight, tmp):

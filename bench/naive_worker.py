@@ -15,6 +15,7 @@ from queue_engine.errors import EngineRejectedError
 from queue_engine.settings import load_settings
 from workers.celery_app import make_celery
 from workers.engine import EngineSettings, VllmEngine
+from workers.publish import Sender
 from workers.runtime import WorkerRuntime, worker_options
 
 
@@ -49,9 +50,10 @@ def main(model):
     settings = load_settings()
     app = make_celery(settings)
     engine = VllmEngine(EngineSettings.from_profile(settings.profile(model), settings))
+    sessions = make_sessions(settings.sqlalchemy_url)
     app.qe_runtime = WorkerRuntime(
-        settings=settings, model=model, sessions=make_sessions(settings.sqlalchemy_url),
-        loop=OnePromptAtATime(engine), worker_id=leases.worker_identity(),
+        settings=settings, model=model, sessions=sessions, loop=OnePromptAtATime(engine),
+        worker_id=leases.worker_identity(), sender=Sender(app, sessions, settings),
     )
     app.set_default()
     app.Worker(loglevel="WARNING", **worker_options(settings, model)).start()

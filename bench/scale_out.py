@@ -46,7 +46,7 @@ from queue_engine.models import Job, WorkerAllocation  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from slurm.commands import Slurm  # noqa: E402
 from slurm.jobscript import job_name  # noqa: E402
-from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, WebInProcess, free_port, spawn, stop_process, wait_until  # noqa: E402
 from tests.integration.conftest import MODEL_CACHE  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
@@ -74,15 +74,10 @@ class Deployment:
         self.slurm = Slurm(env=slurm_env)
         self.name = job_name(name, "tiny")
         self.deployment = name
-        from web import create_app
-        from web.server import build_server
-        import threading
-
-        self.server = build_server(create_app(self.settings), port=0)
-        threading.Thread(target=self.server.run, daemon=True).start()
+        self.web = WebInProcess(self.settings)
         with transaction(self.sessions) as session:
             key = create_api_key(session, f"bench-{name}-{secrets.token_hex(3)}").key
-        self.client = Client(f"http://127.0.0.1:{self.server.effective_port}", key, timeout=600)
+        self.client = Client(self.web.url, key, timeout=600)
         self.autoscaler = spawn(["autoscale"], self.env, self.dir / "autoscale.log")
 
     def allocations(self):
@@ -96,7 +91,7 @@ class Deployment:
     def stop(self):
         stop_process(self.autoscaler)
         self.slurm.cancel([job.job_id for job in self.jobs()])
-        self.server.close()
+        self.web.close()
 
 
 def backlog_to_sbatch(deployment, broker, rounds, interval):

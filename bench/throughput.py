@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from sqlalchemy import func, select  # noqa: E402
 from queue_engine.db import transaction, upgrade_database  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
-from tests.helpers import RedisServer, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, WebInProcess, stop_process, wait_until  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 CACHE = Path(os.environ.get("QUEUE_ENGINE_BENCH_CACHE", Path.home() / ".cache" / "queue-engine-bench"))
@@ -57,14 +56,8 @@ def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
 
 def run_through_service(env, settings, command, prompts, max_tokens, log_path, model):
     """Start a worker with ``command``, warm it up, then time all prompts as HTTP jobs."""
-    from web import create_app
-    from web.server import build_server
-
-    app = create_app(settings)
-    server = build_server(app, port=0)
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{server.effective_port}"
-    sessions = app.extensions["qe_sessions"]
+    web = WebInProcess(settings)
+    url, sessions = web.url, web.sessions
     with transaction(sessions) as session:
         client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
     worker = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,
@@ -83,7 +76,7 @@ def run_through_service(env, settings, command, prompts, max_tokens, log_path, m
         finished = [client.get_job(job_id) for job_id in ids]
     finally:
         stop_process(worker)
-        server.close()
+        web.close()
     assert all(job["status"] == "succeeded" for job in finished), [j["error"] for j in finished if j["error"]][:3]
     last = max(datetime.fromisoformat(job["finished_at"]) for job in finished)
     return {"elapsed_s": (last - started).total_seconds(), "submit_s": (submitted - started).total_seconds(),

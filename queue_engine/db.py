@@ -93,6 +93,20 @@ def run_transaction(session_factory, work, retry_for=0.0):
         return result
 
 
+def try_transaction(session_factory, work):
+    """``work(session)`` in a transaction, or None if the database is
+    unreachable: for a write that may be skipped (a lease renewal; the next
+    one, or the outcome, is written once the database is back)."""
+    try:
+        with transaction(session_factory) as session:
+            return work(session)
+    except Exception as e:
+        if not is_unreachable(e):
+            raise
+        log.warning("skipped a write: the database is unreachable (%s)", type(e).__name__)
+        return None
+
+
 def alembic_config(url):
     from alembic.config import Config
 

@@ -223,6 +223,22 @@ def unaccounted_jobs(session, model, held, before):
     return {(job_id, dispatched_at) for job_id, dispatched_at in rows}
 
 
+def release_lost_jobs(session, lost):
+    """Mark jobs whose messages the broker lost as unsent, each only if it was
+    last sent when it was found missing (``(job_id, dispatched_at)`` pairs):
+    of several dispatchers that found the same loss, one sends it again."""
+    for job_id, dispatched_at in lost:
+        session.execute(update(Job).where(Job.id == job_id, Job.dispatched_at == dispatched_at, WAITING)
+                        .values(dispatched_at=None).execution_options(synchronize_session=False))
+
+
+def release_lost_chunks(session, lost):
+    """As :func:`release_lost_jobs`, for ``((batch_id, chunk), dispatched_at)`` pairs."""
+    for (batch_id, chunk), dispatched_at in lost:
+        session.execute(chunk_transition([ChunkState.SENT], ChunkState.PENDING, [
+            BatchChunk.batch_id == batch_id, BatchChunk.chunk == chunk, BatchChunk.dispatched_at == dispatched_at]))
+
+
 def unaccounted_chunks(session, model, held, before):
     """As :func:`unaccounted_jobs`, for ``model``'s chunks on its bulk queue:
     ``{((batch_id, chunk), dispatched_at)}``."""

@@ -306,8 +306,9 @@ def postgres_restarted(rig, postgres, outage=5.0, timeout=180, **mix):
 def worker_killed_while_taking(rig, kills=2, jobs=150, timeout=240):
     """A worker SIGKILLed ``kills`` times while it takes messages from a deep
     queue (beside the rig's long-lived worker), each time a new one. Returns the
-    figures and, per kill, the seconds until every job the dead worker held was
-    running elsewhere or had ended."""
+    figures and, per kill, the seconds until no job was still running under the
+    dead worker's lease (each was back in the queue, and the live worker takes
+    it from there)."""
     client = rig.client()
     params = {"max_tokens": 48, "temperature": 0}
     ids, recoveries = [], []
@@ -319,7 +320,7 @@ def worker_killed_while_taking(rig, kills=2, jobs=150, timeout=240):
         wait_until(lambda: held_by(rig, victim.pid), 60, "the new worker to take jobs", 0.01)
         rig.kill_worker(victim)
         killed_at = time.monotonic()
-        wait_until(lambda: not held_by(rig, victim.pid), timeout, "the dead worker's jobs to run elsewhere", 0.1)
+        wait_until(lambda: not held_by(rig, victim.pid), timeout, "the dead worker's jobs to be requeued", 0.1)
         recoveries.append(round(time.monotonic() - killed_at, 2))
     fault_end = time.time()
     work = Work(ids, [], 0, [], fault_end)

@@ -118,6 +118,27 @@ def spawn(args, env, log_path):
     )
 
 
+class WebInProcess:
+    """The web app and its dispatcher in this process, as `queue-engine serve`
+    runs them in cluster mode (webhook delivery aside), on a free port."""
+
+    def __init__(self, settings):
+        from web import create_app
+        from web.server import build_server
+        from workers.dispatcher import start_dispatcher
+
+        self.app = create_app(settings)
+        self.sessions = self.app.extensions["qe_sessions"]
+        self.dispatcher = start_dispatcher(self.app.extensions["celery"], self.sessions, settings)
+        self.server = build_server(self.app, port=0)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+    def close(self):
+        self.dispatcher.stop()
+        self.server.close()
+
+
 def wait_until_serving(url, process, log_path, timeout):
     """Wait until a `queue-engine serve` subprocess answers ``/healthz``; fail if it exits."""
     import requests

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 
 from queue_engine import batches
-from queue_engine.db import is_unreachable, transaction
+from queue_engine.db import try_transaction
 from queue_engine.errors import EngineRejectedError
 from queue_engine.models import Job
 
@@ -159,13 +159,8 @@ def run_rows(runtime, batch_id, claim):
 def renew_leases(runtime, job_ids):
     """Extend the rows' leases; skipped while the database is unreachable
     (the outcomes are stored once it is back)."""
-    try:
-        with transaction(runtime.sessions) as session:
-            batches.renew_leases(session, job_ids, runtime.worker_id, runtime.settings.lease_seconds)
-    except Exception as e:
-        if not is_unreachable(e):
-            raise
-        log.warning("could not renew the leases of %d rows: the database is unreachable", len(job_ids))
+    try_transaction(runtime.sessions, lambda session: batches.renew_leases(
+        session, job_ids, runtime.worker_id, runtime.settings.lease_seconds))
 
 
 def store_outcomes(runtime, batch_id, ended):

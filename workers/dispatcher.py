@@ -171,17 +171,15 @@ class Dispatcher:
                 unaccounted = dispatch.unaccounted_jobs if lane == "interactive" else dispatch.unaccounted_chunks
                 with transaction(self.sessions) as session:
                     suspects = unaccounted(session, model, held, before)
-                lost = {item for item, _ in suspects & self._suspects.get(queue, set())}
+                lost = suspects & self._suspects.get(queue, set())
                 self._suspects[queue] = suspects
                 if lost:
                     self._release_lost(lane, sorted(lost), queue)
 
     def _release_lost(self, lane, lost, queue):
+        release = dispatch.release_lost_jobs if lane == "interactive" else dispatch.release_lost_chunks
         with transaction(self.sessions) as session:
-            if lane == "interactive":
-                dispatch.release_jobs(session, lost)
-            else:
-                dispatch.release_chunks(session, lost)
+            release(session, lost)
         kind = "job" if lane == "interactive" else "chunk"
         metrics.LOST.labels(kind).inc(len(lost))
         log.warning("%s is missing %d %s messages the database says were sent; sending them again",

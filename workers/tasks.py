@@ -20,7 +20,7 @@ import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from queue_engine import jobs, keys, leases, tribunal
-from queue_engine.db import is_unreachable, transaction
+from queue_engine.db import try_transaction
 from queue_engine.errors import EngineRejectedError
 
 from .engine import GenerationRequest
@@ -86,15 +86,9 @@ def wait_for_generation(runtime, job_id, future):
         try:
             return future.result(timeout=lease / 3)
         except FutureTimeout:
-            try:
-                with transaction(runtime.sessions) as session:
-                    ours = leases.renew_lease(session, job_id, runtime.worker_id, lease)
-            except Exception as e:
-                if not is_unreachable(e):
-                    raise
-                log.warning("could not renew the lease of job %s: the database is unreachable", job_id)
-                continue
-            if not ours:
+            ours = try_transaction(runtime.sessions,
+                                   lambda session: leases.renew_lease(session, job_id, runtime.worker_id, lease))
+            if ours is False:
                 raise JobLostError(job_id)
 
 

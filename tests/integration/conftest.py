@@ -7,7 +7,6 @@ import re
 import secrets
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,16 @@ from queue_engine.db import make_sessions, upgrade_database
 from queue_engine.settings import load_settings
 from tests.conftest import make_key, new_postgres_database
 from slurm.commands import Slurm
-from tests.helpers import ROOT, RedisServer, free_port, spawn, stop_process, wait_until, wait_until_serving
+from tests.helpers import (
+    ROOT,
+    RedisServer,
+    WebInProcess,
+    free_port,
+    spawn,
+    stop_process,
+    wait_until,
+    wait_until_serving,
+)
 from workers.engine import resolve_model_dir
 
 MODEL_CACHE = Path(os.environ.get("QUEUE_ENGINE_TEST_CACHE", Path.home() / ".cache" / "queue-engine-tests"))
@@ -105,15 +113,8 @@ class Cluster:
         self._start_web()
 
     def _start_web(self):
-        from web import create_app
-        from web.server import build_server
-        from workers.dispatcher import start_dispatcher
-
-        app = create_app(self.settings)
-        self.dispatcher = start_dispatcher(app.extensions["celery"], app.extensions["qe_sessions"], self.settings)
-        self.server = build_server(app, port=0)
-        self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        threading.Thread(target=self.server.run, daemon=True).start()
+        self.web = WebInProcess(self.settings)
+        self.url = self.web.url
 
     def start_webhook_delivery(self):
         """Start `queue-engine serve` in cluster mode on a port of its own: it
@@ -154,8 +155,7 @@ class Cluster:
     def stop(self):
         for process in [worker.process for worker in self.workers] + self.processes:
             stop_process(process)
-        self.dispatcher.stop()
-        self.server.close()
+        self.web.close()
         self.sessions.kw["bind"].dispose()
 
 

@@ -143,9 +143,21 @@ def test_chunks_the_broker_is_missing_are_the_oldest_sent(sessions, settings, ow
     with sessions() as session:
         missing = dispatch.unaccounted_chunks(session, "tiny", 1, utcnow())
     assert {key for key, _ in missing} == {(batch.id, 0), (batch.id, 1)}
-    in_session(sessions, lambda session: dispatch.release_chunks(session, [key for key, _ in missing]))
+    in_session(sessions, lambda session: dispatch.release_lost_chunks(session, missing))
     claimed = in_session(sessions, lambda session: dispatch.claim_due_chunks(session, utcnow(), 10))
     assert claimed == [(batch.id, 0, "tiny"), (batch.id, 1, "tiny")]
+
+
+def test_a_loss_found_by_two_dispatchers_is_sent_again_once(sessions, settings, owner):
+    """Each released only if it is still as it was when found missing: the second release finds it sent again."""
+    first, _ = new_jobs(sessions, settings, owner, 2)
+    with sessions() as session:
+        missing = dispatch.unaccounted_jobs(session, "tiny", 1, utcnow())
+    assert {job_id for job_id, _ in missing} == {first}
+    in_session(sessions, lambda session: dispatch.release_lost_jobs(session, missing))
+    assert in_session(sessions, lambda session: dispatch.claim_due_jobs(session, utcnow(), 10)) == [(first, "tiny")]
+    in_session(sessions, lambda session: dispatch.release_lost_jobs(session, missing))  # the other dispatcher
+    assert in_session(sessions, lambda session: dispatch.claim_due_jobs(session, utcnow(), 10)) == []
 
 
 @pytest.mark.postgres
