@@ -55,7 +55,6 @@ class Dispatcher:
         self._next_check = 0.0
         self._judge_leases_after = time.monotonic() + settings.lease_seconds
         self._failing = None
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
@@ -65,13 +64,8 @@ class Dispatcher:
 
     def stop(self):
         self._stopping.set()
-        self._wake.set()
         self._thread.join(10)
         self._close_connection()
-
-    def wake(self):
-        """Look for work to send now instead of at the next interval."""
-        self._wake.set()
 
     def _run(self):
         while not self._stopping.is_set():
@@ -80,8 +74,7 @@ class Dispatcher:
                 self._recovered()
             except Exception as e:
                 self._failed(e)
-            self._wake.wait(self.settings.dispatcher.interval)
-            self._wake.clear()
+            self._stopping.wait(self.settings.dispatcher.interval)
 
     def run_once(self):
         """One round: the checks when they are due, then send what waits."""
@@ -103,8 +96,7 @@ class Dispatcher:
         while True:
             with transaction(self.sessions) as session:
                 jobs = dispatch.claim_due_jobs(session, now, page)
-            self._send("job", jobs, send_jobs(self.app, [tuple(job) for job in jobs]),
-                       lambda session, unsent: dispatch.release_jobs(session, unsent))
+            self._send("job", jobs, send_jobs(self.app, [tuple(job) for job in jobs]), dispatch.release_jobs)
             with transaction(self.sessions) as session:
                 chunks = dispatch.claim_due_chunks(session, now, page)
             self._send("chunk", chunks, send_chunks(self.app, [tuple(chunk) for chunk in chunks]),

@@ -8,8 +8,11 @@ import subprocess
 
 import pytest
 import requests
+from sqlalchemy import select
 
 from queue_engine.client import Client
+from queue_engine.db import make_sessions
+from queue_engine.models import Job
 from tests.helpers import free_port, queue_engine_command, spawn, stop_process, wait_until, wait_until_serving
 from tests.receiver import Receiver
 
@@ -125,3 +128,41 @@ def test_cli_submits_a_tribunal(embedded):
                                env=env, capture_output=True, text=True, timeout=60)
     job = Client(embedded["url"], embedded["key"]).wait_for_job(submitted.stdout.strip(), 120)
     assert job["kind"] == "tribunal" and [c["model"] for c in job["tribunal"]["candidates"]] == ["tiny", "tiny"]
+
+
+def test_work_waiting_when_embedded_serve_is_killed_runs_when_it_starts_again(tmp_path, tiny_model_dir):
+    """SIGKILL an embedded `serve` with jobs running and queued: its in-process
+    broker dies with it, and once it starts again on the same SQLite file, the
+    dispatcher sends what was queued and requeues what was running."""
+    config = tmp_path / "queue-engine.toml"
+    config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\nmax_in_flight = 4\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")},
+           "QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(tmp_path / "data"),
+           "QUEUE_ENGINE_LEASE_SECONDS": "2"}
+
+    def start():
+        port = free_port()
+        process = spawn(["serve", "--port", str(port)], env, tmp_path / f"serve-{port}.log")
+        wait_until_serving(f"http://127.0.0.1:{port}", process, tmp_path / f"serve-{port}.log", 240)
+        key = (tmp_path / "data" / "embedded-api-key").read_text().strip()
+        return process, Client(f"http://127.0.0.1:{port}", key)
+
+    process, client = start()
+    ids = [client.submit_job({"model": "tiny", "prompt": f"Story {n}", "params": {"max_tokens": 400}})["id"]
+           for n in range(12)]
+    wait_until(lambda: client.get_job(ids[0])["status"] == "running", 60, "the first job to run")
+    process.kill()
+    process.wait(10)
+    sessions = make_sessions(f"sqlite:///{tmp_path / 'data' / 'queue-engine.db'}")
+    with sessions() as session:
+        at_kill = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).all())
+    process, client = start()
+    try:
+        finished = {job_id: client.wait_for_job(job_id, timeout=180) for job_id in ids}
+    finally:
+        stop_process(process)
+    assert {job["status"] for job in finished.values()} == {"succeeded"}
+    assert "running" in at_kill.values() and "queued" in at_kill.values()
+    for job_id, status in at_kill.items():
+        expected = {"running": 2, "queued": 1}.get(status, finished[job_id]["attempts"])
+        assert finished[job_id]["attempts"] == expected, (status, finished[job_id])
