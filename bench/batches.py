@@ -43,8 +43,8 @@ from queue_engine.models import ApiKey, Job  # noqa: E402
 from queue_engine.schemas import JobCreate  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, WebInProcess, free_port, stop_process, wait_until  # noqa: E402
+from queue_engine.broker import send_jobs  # noqa: E402
 from workers.celery_app import make_celery  # noqa: E402
-from workers.publish import send_jobs  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 

@@ -5,45 +5,72 @@ without a batching loop would.
 Run as a subprocess by ``throughput.py``: ``python bench/naive_worker.py MODEL``.
 """
 
+import queue
 import sys
 import threading
 from concurrent.futures import Future
 
 from queue_engine import leases
+from queue_engine.broker import Sender
 from queue_engine.db import make_sessions
-from queue_engine.errors import EngineRejectedError
 from queue_engine.settings import load_settings
+from workers.batcher import EngineLoopStopped
 from workers.celery_app import make_celery
 from workers.engine import EngineSettings, VllmEngine
-from workers.publish import Sender
 from workers.runtime import WorkerRuntime, worker_options
 
 
 class OnePromptAtATime:
-    """Same interface as ``EngineLoop``; each request runs alone to the end."""
+    """Same interface as ``EngineLoop``; each request runs alone to the end.
+
+    Requests run on a thread of their own, so ``submit`` returns at once as
+    ``EngineLoop``'s does: the worker's runner thread, which submits, must
+    go on renewing leases and writing outcomes while prompts run.
+    """
 
     def __init__(self, engine):
         self._engine = engine
-        self._lock = threading.Lock()
+        self._requests = queue.SimpleQueue()
+        self._aborted = set()
+        self._thread = threading.Thread(target=self._run, name="one-prompt-at-a-time", daemon=True)
+        self._thread.start()
 
     def submit(self, request):
         future = Future()
-        with self._lock:
-            try:
-                self._engine.add(request)
-            except EngineRejectedError as e:
-                future.set_exception(e)
-                return future
-            while not future.done():
-                for request_id, generation in self._engine.step():
-                    future.set_result(generation)
+        self._requests.put((request, future))
         return future
 
     def abort(self, request_id):
-        pass
+        """A request that has not started yet never runs (one that runs ends anyway)."""
+        self._aborted.add(request_id)
 
     def stop(self):
-        pass
+        self._requests.put((None, None))
+
+    def _run(self):
+        while True:
+            request, future = self._requests.get()
+            if request is None:
+                break
+            if request.request_id in self._aborted:
+                self._aborted.discard(request.request_id)
+                continue
+            try:
+                self._engine.add(request)
+                while not future.done():
+                    for request_id, generation in self._engine.step():
+                        future.set_result(generation)
+            except Exception as e:
+                if not future.done():
+                    future.set_exception(e)
+        stopped = EngineLoopStopped("the engine loop stopped")
+        while True:  # unfinished requests end as errors and go back to the queue
+            try:
+                _, future = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                future.set_exception(stopped)
 
 
 def main(model):

@@ -13,6 +13,7 @@ its last line.
 
 import argparse
 import json
+import psutil
 import os
 import subprocess
 import sys
@@ -29,10 +30,10 @@ from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from queue_engine.db import transaction, upgrade_database  # noqa: E402
+from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
-from tests.helpers import RedisServer, WebInProcess, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, free_port, stop_process, wait_until, wait_until_serving  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 CACHE = Path(os.environ.get("QUEUE_ENGINE_BENCH_CACHE", Path.home() / ".cache" / "queue-engine-bench"))
@@ -54,17 +55,30 @@ def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_through_service(env, settings, command, prompts, max_tokens, log_path, model):
-    """Start a worker with ``command``, warm it up, then time all prompts as HTTP jobs."""
-    web = WebInProcess(settings)
-    url, sessions = web.url, web.sessions
-    with transaction(sessions) as session:
-        client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
+def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, model, redis):
+    """Start `queue-engine serve` (cluster mode, its own process) and a worker
+    with ``command``, warm up, then time all prompts as HTTP jobs.
+
+    Also measures the CPU seconds the web, the worker and Redis used while the
+    jobs ran: less the engine's own (the offline run's), that is what the
+    service costs beyond the engine."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = subprocess.Popen([PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "serve", "--port", str(port)],
+                             env={**os.environ, **env}, cwd=ROOT, stdout=open(tmp / f"{name}-serve.log", "w"),
+                             stderr=subprocess.STDOUT)
     worker = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,
-                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+                              stdout=open(tmp / f"{name}-worker.log", "w"), stderr=subprocess.STDOUT)
+    sessions = make_sessions(settings.sqlalchemy_url)
     try:
+        wait_until_serving(url, serve, tmp / f"{name}-serve.log", 120)
+        with transaction(sessions) as session:
+            client = Client(url, create_api_key(session, f"bench-{time.time_ns()}").key)
         warm = client.submit_job({"model": model, "prompt": "warm up", "params": {"max_tokens": 4}})
         client.wait_for_job(warm["id"], timeout=600)
+        processes = {"web": psutil.Process(serve.pid), "worker": psutil.Process(worker.pid),
+                     "redis": psutil.Process(redis.process.pid)}
+        cpu_before = {name: cpu_seconds(process) for name, process in processes.items()}
         body = lambda p: {"model": model, "prompt": p, "params": {"max_tokens": max_tokens, "temperature": 0}}  # noqa: E731
         started = datetime.now(timezone.utc)
         with ThreadPoolExecutor(16) as pool:
@@ -73,14 +87,21 @@ def run_through_service(env, settings, command, prompts, max_tokens, log_path, m
         # Wait on the database, not by polling every job over HTTP: on two
         # cores, thousands of polls would steal the CPU the engine needs.
         wait_until(lambda: count_finished(sessions, ids) == len(ids), 1800, "every job to finish", 0.2)
+        cpu = {name: cpu_seconds(process) - cpu_before[name] for name, process in processes.items()}
         finished = [client.get_job(job_id) for job_id in ids]
     finally:
         stop_process(worker)
-        web.close()
+        stop_process(serve)
     assert all(job["status"] == "succeeded" for job in finished), [j["error"] for j in finished if j["error"]][:3]
     last = max(datetime.fromisoformat(job["finished_at"]) for job in finished)
     return {"elapsed_s": (last - started).total_seconds(), "submit_s": (submitted - started).total_seconds(),
-            "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished)}
+            "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished), "cpu_s": cpu}
+
+
+def cpu_seconds(process):
+    """User and system CPU seconds of ``process``, all its threads."""
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def count_finished(sessions, ids):
@@ -130,11 +151,11 @@ def main():
             print("(a) HTTP + Redis + batching worker ...", flush=True)
             service = run_through_service(
                 env, settings, [PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "worker", "--model", args.model],
-                prompts, args.max_tokens, tmp / "worker.log", args.model)
+                prompts, args.max_tokens, tmp, "service", args.model, redis)
             print(f"(c) HTTP + Redis + naive one-prompt-per-call worker, {args.naive_prompts} prompts ...", flush=True)
             naive = {"elapsed_s": float("nan"), "completion_tokens": float("nan")} if args.skip_naive else run_through_service(
                 env, settings, [PYTHON, str(ROOT / "bench" / "naive_worker.py"), args.model],
-                prompts[:args.naive_prompts], args.max_tokens, tmp / "naive.log", args.model)
+                prompts[:args.naive_prompts], args.max_tokens, tmp, "naive", args.model, redis)
         finally:
             redis.stop()
 
@@ -154,6 +175,11 @@ def main():
         "naive_s": round(naive["elapsed_s"], 2),
         "ratio_service_vs_offline": round(rate(service) / rate(offline), 3),
         "ratio_service_vs_naive": round(rate(service) / rate(naive), 2),
+        # CPU of web + worker + Redis while the jobs ran, less the offline run's (the engine's own).
+        "service_cpu_s": {name: round(value, 2) for name, value in service["cpu_s"].items()},
+        "offline_cpu_s": round(offline["cpu_s"], 2),
+        "orchestration_cpu_ms_per_job": round(
+            1000 * (sum(service["cpu_s"].values()) - offline["cpu_s"]) / args.prompts, 2),
     }
     print(json.dumps(figures))
 

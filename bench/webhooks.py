@@ -50,7 +50,7 @@ from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until  # noqa: E402
 from tests.integration.conftest import MODEL_CACHE  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
-from workers.engine import resolve_model_dir  # noqa: E402
+from workers.engine import Generation, resolve_model_dir  # noqa: E402
 
 #: The retry schedule of this run: exponential from 1 s, so a 60 s outage
 #: costs a handful of attempts per event and ends within one more delay.
@@ -118,27 +118,24 @@ def idle_latency(client, sessions, receiver, count, max_tokens):
 
 def outbox_cost(sessions, owner_id, settings, count):
     """Seconds per job-ending transaction without and with the event written
-    in it (``complete_job`` as a worker calls it; then ``announce_end``)."""
-    def claimed_jobs():
+    in it: ``leases.finish`` of one job, as a worker writes an interactive
+    outcome, for jobs without a ``webhook_url`` and then with one."""
+    def claimed_jobs(webhook_url):
         with transaction(sessions) as session:
-            request = JobCreate(model="tiny", prompt="x", webhook_url="http://127.0.0.1:9/hook")
+            request = JobCreate(model="tiny", prompt="x", webhook_url=webhook_url)
             ids = [jobs.create_job(session, owner_id, request, settings)[0].id for _ in range(count)]
         with transaction(sessions) as session:
-            for job_id in ids:
-                leases.claim_job(session, job_id, "bench", 600)
-        return ids
+            return leases.claim(session, "bench", 600, job_ids=ids)
 
-    def end_all(ids, announce):
+    def end_all(items):
         started = time.perf_counter()
-        for job_id in ids:
+        for item in items:
             with transaction(sessions) as session:
-                leases.complete_job(session, job_id, "bench", "text", "stop", 1, 1)
-                if announce:
-                    jobs.announce_end(session, job_id)
-        return (time.perf_counter() - started) / len(ids)
+                leases.finish(session, "bench", [leases.Outcome(item, Generation("text", "stop", 1, 1))], settings)
+        return (time.perf_counter() - started) / len(items)
 
-    plain, announced = claimed_jobs(), claimed_jobs()
-    return end_all(plain, False), end_all(announced, True)
+    plain, announced = claimed_jobs(None), claimed_jobs("http://127.0.0.1:9/hook")
+    return end_all(plain), end_all(announced)
 
 
 def cpu_seconds(pid):

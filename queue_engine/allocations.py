@@ -9,17 +9,83 @@ serving ones. See :class:`~queue_engine.models.WorkerAllocation`.
 """
 
 from datetime import timedelta
+from enum import Enum
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
-from . import keys
+from . import keys, states
 from .models import ScalingState, WorkerAllocation, utcnow
 from .schemas import ModelList, ModelStatus, ScalingOut
 
+
+class AllocationState(str, Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    # How it ended: SLURM's kinds of end (slurm/commands.py), or lost.
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
+#: The states of a job that left SLURM's queue.
+ENDED = frozenset({AllocationState.COMPLETED, AllocationState.FAILED, AllocationState.TIMEOUT,
+                   AllocationState.CANCELLED, AllocationState.LOST})
+
+#: Which state may follow which. PENDING -> SERVING: the worker registered
+#: before the autoscaler saw its job run; any job may end at any time.
+ALLOWED = {
+    AllocationState.PENDING: {AllocationState.STARTING, AllocationState.SERVING, AllocationState.STOPPING, *ENDED},
+    AllocationState.STARTING: {AllocationState.SERVING, AllocationState.STOPPING, *ENDED},
+    AllocationState.SERVING: {AllocationState.STOPPING, *ENDED},
+    AllocationState.STOPPING: set(ENDED),
+    **{end: set() for end in ENDED},
+}
+
 #: Our states of a job SLURM still runs or queues.
-ACTIVE_STATES = ("pending", "starting", "serving", "stopping")
+ACTIVE_STATES = tuple(state.value for state in AllocationState if state not in ENDED)
+
+
+class ScalingHealth(str, Enum):
+    """A model's standing after failed starts (``ScalingState.state``);
+    written only by :func:`count_failure` and :func:`clear_failures`."""
+
+    OK = "ok"
+    BACKOFF = "backoff"
+    ERROR = "error"
 #: A worker that ends within this many seconds of serving counts as failed to start.
 EARLY_EXIT_SECONDS = 60
+
+
+def check_move(source, target):
+    """``(source, target)`` as states, if the table allows the move.
+
+    Raises:
+        InvalidTransitionError: it does not.
+    """
+    return states.check_move(ALLOWED, source, target, "worker allocation")
+
+
+def move(allocation, target, **values):
+    """Move a loaded ``allocation`` (its row held by the caller's
+    transaction) to ``target``, setting ``values`` with it.
+
+    Raises:
+        InvalidTransitionError: the table does not allow the move.
+    """
+    _, target = check_move(allocation.state, target)
+    allocation.state = target.value
+    for name, value in values.items():
+        setattr(allocation, name, value)
+
+
+def transition_statement(sources, target, where, **values):
+    """The conditional UPDATE that moves every allocation matching ``where``
+    from one of ``sources`` to ``target`` (for a row no one here holds)."""
+    return states.move_statement(WorkerAllocation.state, ALLOWED, sources, target, where, values, "worker allocation")
 
 
 def active(session, deployment, model):
@@ -34,7 +100,8 @@ def active(session, deployment, model):
 
 
 def record_submitted(session, deployment, model, job_id, adopted=False):
-    allocation = WorkerAllocation(deployment=deployment, model=model, slurm_job_id=job_id, state="pending",
+    allocation = WorkerAllocation(deployment=deployment, model=model, slurm_job_id=job_id,
+                                  state=AllocationState.PENDING.value,
                                   slurm_state="PENDING", adopted=adopted, submitted_at=utcnow())
     session.add(allocation)
     session.flush()
@@ -45,28 +112,27 @@ def observe(allocation, kind, slurm_state, node, now=None):
     """Record what squeue says of a job that is still there (``kind``
     pending or running)."""
     allocation.slurm_state = slurm_state
-    if kind == "running" and allocation.state == "pending":
-        allocation.state = "starting"
-        allocation.started_at = now or utcnow()
-    if allocation.serving_at is not None and allocation.state in ("pending", "starting"):
+    if kind == "running" and allocation.state == AllocationState.PENDING:
+        move(allocation, AllocationState.STARTING, started_at=now or utcnow())
+    if allocation.serving_at is not None and allocation.state in (AllocationState.PENDING, AllocationState.STARTING):
         # The worker registered while the autoscaler held an older copy of
         # the row, and its write put the state back; serving_at tells.
-        allocation.state = "serving"
+        move(allocation, AllocationState.SERVING)
     if node:
         allocation.node = node
 
 
 def close(allocation, kind, slurm_state, reason, now=None):
     """The job left the queue: ``kind`` is how it ended (completed, failed,
-    timeout, cancelled), or ``lost`` when SLURM no longer knows it. The
-    reason of a job that was killed (:func:`request_kill`) says so first."""
+    timeout, cancelled), or ``lost`` when SLURM no longer knows it (or
+    reports no end: ``reason`` keeps its words). The reason of a job that
+    was killed (:func:`request_kill`) says so first."""
     if allocation.kill_requested_at is not None:
         waited = (allocation.kill_requested_at - allocation.stop_requested_at).total_seconds()
         reason = f"killed after not stopping within {waited:.0f} s of the stop request; {reason}"
-    allocation.state = kind
-    allocation.slurm_state = slurm_state or allocation.slurm_state
-    allocation.ended_at = now or utcnow()
-    allocation.exit_reason = reason
+    end = AllocationState(kind) if kind in {state.value for state in ENDED} else AllocationState.LOST
+    move(allocation, end, slurm_state=slurm_state or allocation.slurm_state, ended_at=now or utcnow(),
+         exit_reason=reason)
 
 
 def failed_to_start(allocation):
@@ -85,8 +151,8 @@ def served_long_enough(allocation, now=None):
 
 
 def request_stop(allocation, now=None):
-    allocation.state = "stopping"
-    allocation.stop_requested_at = now or utcnow()
+    """The job was told to stop (cancelled if it was not serving yet, SIGTERM if it was)."""
+    move(allocation, AllocationState.STOPPING, stop_requested_at=now or utcnow())
 
 
 def should_kill(allocation, stop_grace, now):
@@ -99,7 +165,7 @@ def should_kill(allocation, stop_grace, now):
     >>> [should_kill(stopping, 600, told + timedelta(seconds=s)) for s in (599, 600)]
     [False, True]
     """
-    if allocation.state != "stopping" or allocation.kill_requested_at is not None:
+    if allocation.state != AllocationState.STOPPING or allocation.kill_requested_at is not None:
         return False
     return (now - allocation.stop_requested_at).total_seconds() >= stop_grace
 
@@ -115,13 +181,10 @@ def register_worker(session, deployment, job_id, node):
     """A worker in SLURM job ``job_id`` is serving. Returns False if the
     job is not one of the deployment's allocations (started by hand)."""
     now = utcnow()
-    result = session.execute(
-        update(WorkerAllocation)
-        .where(WorkerAllocation.deployment == deployment, WorkerAllocation.slurm_job_id == job_id,
-               WorkerAllocation.state.in_(("pending", "starting")))
-        .values(state="serving", serving_at=now, node=node,
-                started_at=func.coalesce(WorkerAllocation.started_at, now))
-    )
+    result = session.execute(transition_statement(
+        [AllocationState.PENDING, AllocationState.STARTING], AllocationState.SERVING,
+        [WorkerAllocation.deployment == deployment, WorkerAllocation.slurm_job_id == job_id],
+        serving_at=now, node=node, started_at=func.coalesce(WorkerAllocation.started_at, now)))
     return result.rowcount == 1
 
 
@@ -142,8 +205,8 @@ def scaling_state(session, deployment, model):
     """The model's :class:`~queue_engine.models.ScalingState`, created on first use."""
     state = session.get(ScalingState, (deployment, model))
     if state is None:
-        state = ScalingState(deployment=deployment, model=model, state="ok", failures=0, backlog=0, desired=0,
-                             action="hold", reason="not decided yet", decided_at=utcnow())
+        state = ScalingState(deployment=deployment, model=model, state=ScalingHealth.OK.value, failures=0,
+                             backlog=0, desired=0, action="hold", reason="not decided yet", decided_at=utcnow())
         session.add(state)
     return state
 
@@ -160,13 +223,14 @@ def count_failure(state, why, delay, error_after, now=None):
     state.failures += 1
     state.last_failure = why
     state.retry_at = now + timedelta(seconds=delay)
-    state.state = "error" if state.failures >= error_after else "backoff"
+    state.state = (ScalingHealth.ERROR if state.failures >= error_after else ScalingHealth.BACKOFF).value
 
 
 def clear_failures(state):
+    """A worker served long enough: the model is in good standing again."""
     state.failures = 0
     state.retry_at = None
-    state.state = "ok"
+    state.state = ScalingHealth.OK.value
 
 
 def models_status(session, settings, reading):

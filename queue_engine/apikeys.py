@@ -3,6 +3,8 @@
 import base64
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -61,6 +63,54 @@ def find_api_key(session, key):
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+@dataclass(frozen=True)
+class KeyIdentity:
+    """Who a request's key belongs to: what a request needs of its key row."""
+
+    id: int
+    name: str
+
+
+class ApiKeyCache:
+    """Key hash -> :class:`KeyIdentity` for ``ttl`` seconds, so most requests
+    skip the lookup. A revoked key keeps working in a process that looked it
+    up for at most ``ttl`` seconds more. Unknown keys are not kept.
+
+    Args:
+        ttl: seconds an entry is trusted; 0 looks every key up every time.
+        max_entries: past this many keys, the cache starts over.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, ttl, max_entries=10_000, clock=time.monotonic):
+        if ttl < 0:
+            raise ValueError(f"ttl must be 0 or more seconds, not {ttl!r}")
+        self.ttl, self.max_entries, self.clock = ttl, max_entries, clock
+        self._entries = {}
+        self._lock = threading.Lock()
+
+    def find(self, get_session, key):
+        """The live key's identity for ``key`` in clear, or None; ``get_session()`` is called only on a miss."""
+        if not key or not key.startswith(KEY_PREFIX):
+            return None
+        digest = hash_key(key)
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        row = find_api_key(get_session(), key)
+        identity = None if row is None else KeyIdentity(row.id, row.name)
+        with self._lock:
+            if identity is None or not self.ttl:
+                self._entries.pop(digest, None)
+            else:
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+                self._entries[digest] = (now + self.ttl, identity)
+        return identity
 
 
 def rotate_webhook_secret(session, name, grace_hours=24.0):

@@ -15,35 +15,81 @@ message, so a lost message can be sent again.
 
 from enum import Enum
 from itertools import islice
-from typing import NamedTuple
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, true, update
 
 from datetime import timedelta
 
 from . import dispatch, webhooks
 from .errors import BatchFinishedError, NoSuchBatchError
 from .jobs import JobState, check_model_request, new_id, newest_first, transition_statement
-from .leases import complete_jobs, fail_job, lease_values
 from .models import Batch, Job, utcnow
 from .schemas import BatchOut
+from .states import check_move
 
 
 class BatchState(str, Enum):
-    VALIDATING = "validating"
+    """A batch's states. API.md also names ``validating`` and ``finalizing``,
+    which no one can observe: the upload is one transaction that stores the
+    batch ``in_progress``, and the last row's transaction writes its end."""
+
     IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
 
 
+#: Which state may follow which. CANCELLING -> CANCELLING is a second cancel,
+#: which counts the queued rows it cancelled (normally none).
+ALLOWED = {
+    BatchState.IN_PROGRESS: {BatchState.CANCELLING, BatchState.COMPLETED, BatchState.FAILED},
+    BatchState.CANCELLING: {BatchState.CANCELLING, BatchState.CANCELLED},
+    BatchState.COMPLETED: set(),
+    BatchState.FAILED: set(),
+    BatchState.CANCELLED: set(),
+}
+
 #: States in which rows are still running.
 ACTIVE = (BatchState.IN_PROGRESS.value, BatchState.CANCELLING.value)
 
+#: How a batch whose rows have all ended ends, the first that fits:
+#: ``(from, to, only if)``. :func:`settle` writes it.
+ENDINGS = (
+    (BatchState.CANCELLING, BatchState.CANCELLED, true()),
+    (BatchState.IN_PROGRESS, BatchState.FAILED, Batch.completed == 0),  # no row succeeded
+    (BatchState.IN_PROGRESS, BatchState.COMPLETED, true()),
+)
+
 #: Rows are grouped by prefix within windows of this many chunks.
 WINDOW_CHUNKS = 32
+
+
+def batch_transition(moves, where, **values):
+    """The conditional UPDATE that moves every batch matching ``where`` by
+    the first of ``moves`` that fits it; batches in none of their sources
+    are left alone.
+
+    Args:
+        moves: ``(source, target)`` pairs, or ``(source, target, condition)``
+            where the move also needs ``condition`` (a SQL expression).
+
+    Raises:
+        InvalidTransitionError: the table does not allow a source -> target.
+    """
+    sources, branches = [], []
+    for source, target, *condition in moves:
+        source, target = check_move(ALLOWED, source, target, "batch")
+        sources.append(source.value)
+        branches.append((and_(Batch.status == source.value, *condition), target.value))
+    targets = {target for _, target in branches}
+    status = targets.pop() if len(targets) == 1 else case(*branches)
+    return (
+        update(Batch)
+        .where(Batch.status.in_(sorted(set(sources))), *where)
+        .values(status=status, **values)
+        .execution_options(synchronize_session=False)
+    )
 
 
 # --- creating (web side) -------------------------------------------------------
@@ -65,7 +111,7 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
     check_model_request(settings, request)
     now = utcnow()
     batch = Batch(
-        id=new_id("batch"), owner_id=owner_id, model=request.model, status=BatchState.VALIDATING.value,
+        id=new_id("batch"), owner_id=owner_id, model=request.model, status=BatchState.IN_PROGRESS.value,
         input_format=file_format, filename=filename, id_column=reader.id_header,
         params=request.params.model_dump(), webhook_url=request.webhook_url,
         total=0, completed=0, failed=0, cancelled=0, chunks=0, created_at=now,
@@ -82,7 +128,6 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
         batch.failed += sum(1 for row in window if row.error)
     # The reader learns from the header which column holds the ids.
     batch.id_column = reader.id_header
-    batch.status = BatchState.IN_PROGRESS.value
     session.flush()
     dispatch.add_chunks(session, batch.id, batch.model, batch.chunks, utcnow())
     settle(session, batch.id)
@@ -145,12 +190,10 @@ def cancel_batch(session, owner_id, batch_id):
     cancelled = session.execute(
         transition_statement(JobState.QUEUED, JobState.CANCELLED, [Job.batch_id == batch_id], {})
     ).rowcount
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
-        .values(status=BatchState.CANCELLING.value, cancelled=Batch.cancelled + cancelled,
-                cancelled_at=func.coalesce(Batch.cancelled_at, utcnow()))
-    )
+    session.execute(batch_transition(
+        [(BatchState.IN_PROGRESS, BatchState.CANCELLING), (BatchState.CANCELLING, BatchState.CANCELLING)],
+        [Batch.id == batch_id],
+        cancelled=Batch.cancelled + cancelled, cancelled_at=func.coalesce(Batch.cancelled_at, utcnow())))
     dispatch.drop_chunks(session, batch_id)
     settle(session, batch_id)
     return get_batch(session, owner_id, batch_id)
@@ -188,57 +231,7 @@ def batch_to_dict(batch):
     return BatchOut.model_validate(body).model_dump(mode="json")
 
 
-# --- running (worker side) -----------------------------------------------------
-
-
-class ChunkClaim(NamedTuple):
-    """What :func:`claim_chunk` took: ``rows`` to run (id, prompt, messages,
-    params, attempts) and the batch's ``params`` they start from."""
-
-    rows: list
-    params: dict
-
-
-def claim_chunk(session, batch_id, chunk, worker, lease_seconds):
-    """Take the queued rows of ``chunk`` for ``worker``: its message was taken.
-
-    Rows that finished, were cancelled or are running elsewhere are left
-    alone, so a chunk's message that arrives twice runs nothing twice.
-    """
-    dispatch.take_chunk(session, batch_id, chunk)
-    batch = session.get(Batch, batch_id)
-    if batch is None:
-        return ChunkClaim([], {})
-    claim = {**lease_values(worker, lease_seconds), "attempts": Job.attempts + 1}
-    rows = session.execute(
-        transition_statement(JobState.QUEUED, JobState.RUNNING, [Job.batch_id == batch_id, Job.chunk == chunk], claim)
-        .returning(Job.id, Job.prompt, Job.messages, Job.params, Job.attempts)
-    ).all()
-    return ChunkClaim(rows, batch.params)
-
-
-def renew_leases(session, job_ids, worker, lease_seconds):
-    """Extend the leases of ``job_ids`` still running for ``worker``; returns how many."""
-    return session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.status == JobState.RUNNING.value, Job.lease_owner == worker)
-        .values(lease_expires_at=lease_values(worker, lease_seconds)["lease_expires_at"])
-        .execution_options(synchronize_session=False)
-    ).rowcount
-
-
-def record_outcomes(session, batch_id, worker, generations=(), failures=()):
-    """Store finished rows and count the ones this worker still held.
-
-    Args:
-        generations: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)``.
-        failures: ``(job_id, code, message)`` for rows that failed for good.
-    """
-    completed = complete_jobs(session, worker, generations)
-    failed = sum(fail_job(session, job_id, worker, code, message) for job_id, code, message in failures)
-    if completed or failed:
-        add_counts(session, batch_id, completed=completed, failed=failed)
-    return completed, failed
+# --- rows that ended or must run again (worker and dispatcher side) -----------
 
 
 def requeue_rows(session, batch_id, where, delay=0.0, **values):
@@ -277,21 +270,13 @@ def settle(session, batch_id):
     """Write the batch's end if every row has ended.
 
     One conditional UPDATE, so of many workers finishing rows at once exactly
-    one writes it: ``cancelled`` after a cancel, ``failed`` if no row
-    succeeded, else ``completed``; the same transaction records the batch's
-    webhook event.
+    one writes it: the first of :data:`ENDINGS` that fits (``cancelled``
+    after a cancel, ``failed`` if no row succeeded, else ``completed``); the
+    same transaction records the batch's webhook event.
     """
-    end = case(
-        (Batch.status == BatchState.CANCELLING.value, BatchState.CANCELLED.value),
-        (Batch.completed == 0, BatchState.FAILED.value),
-        else_=BatchState.COMPLETED.value,
-    )
-    ended = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_(ACTIVE),
-               Batch.completed + Batch.failed + Batch.cancelled >= Batch.total)
-        .values(status=end, completed_at=utcnow())
-        .execution_options(synchronize_session=False)
+    ended = session.execute(batch_transition(
+        ENDINGS, [Batch.id == batch_id, Batch.completed + Batch.failed + Batch.cancelled >= Batch.total],
+        completed_at=utcnow())
     ).rowcount == 1
     if ended:
         announce_end(session, batch_id)

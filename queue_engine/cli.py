@@ -43,6 +43,21 @@ def start_cluster_services(settings):
     return celery_app
 
 
+def serve_with_gunicorn(settings, host, port, workers):
+    """Cluster mode in production: gunicorn serves the API with ``workers``
+    processes while this one runs the dispatcher and webhook delivery; exits
+    with gunicorn."""
+    from web.server import run_gunicorn
+
+    click.echo(f"queue-engine serving on http://{host}:{port} (cluster mode, gunicorn, {workers} processes)")
+    code = run_gunicorn(settings, host, port, workers)
+    # The dispatcher's and delivery's threads end with this process; what
+    # they had not done yet waits in the database for the next start.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code if code >= 0 else 128 - code)
+
+
 def read_settings():
     try:
         return load_settings()
@@ -62,14 +77,23 @@ def main(log_level):
 @click.option("--port", default=8000, show_default=True, help="Port to listen on.")
 @click.option("--worker-model", default="tiny", show_default=True,
               help="Embedded mode only: the model profile the in-process worker serves.")
-def serve(host, port, worker_model):
+@click.option("--workers", "web_workers", type=click.IntRange(1, 256), default=None,
+              envvar="QUEUE_ENGINE_WEB_WORKERS",
+              help="Cluster mode: serve the API with gunicorn and this many processes (the production server); "
+                   "default one waitress process.")
+def serve(host, port, worker_model, web_workers):
     """Serve the HTTP API, send waiting work to the broker and deliver webhooks
     (embedded mode also runs a worker inside)."""
     settings = read_settings()
+    if web_workers and settings.is_embedded:
+        raise click.ClickException("--workers needs cluster mode (set QUEUE_ENGINE_BROKER_URL): "
+                                   "embedded mode runs in one process")
     if settings.is_embedded:
         celery_app = start_embedded_worker(settings, worker_model)
     else:
         celery_app = start_cluster_services(settings)
+    if web_workers:
+        serve_with_gunicorn(settings, host, port, web_workers)
     from web import create_app
     from web.server import build_server, embedded_key_path, embedded_secret_path, ensure_embedded_key
 

@@ -36,8 +36,8 @@ from enum import Enum
 from sqlalchemy import func, or_, select, text, tuple_, update
 
 from . import webhooks
-from .errors import InvalidTransitionError
 from .models import WAITING_ALONE, BatchChunk, Job
+from .states import move_statement
 
 
 class ChunkState(str, Enum):
@@ -63,25 +63,8 @@ WAITING = text(WAITING_ALONE)
 
 def chunk_transition(sources, target, where, **values):
     """The conditional UPDATE that moves every chunk matching ``where`` from
-    one of ``sources`` to ``target``.
-
-    Raises:
-        InvalidTransitionError: the table does not allow a source -> target.
-    """
-    sources = [ChunkState(source) for source in sources]
-    target = ChunkState(target)
-    for source in sources:
-        if target not in ALLOWED[source]:
-            raise InvalidTransitionError(f"a chunk cannot go from {source.value!r} to {target.value!r}")
-    return (
-        update(BatchChunk)
-        .where(BatchChunk.state.in_([source.value for source in sources]), *where)
-        .values(state=target.value, **values)
-        .execution_options(synchronize_session=False)
-    )
-
-
-# --- sending -------------------------------------------------------------------
+    one of ``sources`` to ``target`` (``states.move_statement``)."""
+    return move_statement(BatchChunk.state, ALLOWED, sources, target, where, values, "chunk")
 
 
 def claim_due_jobs(session, now, limit):

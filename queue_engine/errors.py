@@ -91,7 +91,7 @@ class IdempotencyConflictError(QueueEngineError):
 
 
 class InvalidTransitionError(QueueEngineError):
-    """A job state change that the life-cycle table does not allow."""
+    """A state change (of a job, batch, chunk, allocation or webhook event) that its ``ALLOWED`` table does not allow."""
 
     code = "invalid_transition"
 

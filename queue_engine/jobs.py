@@ -17,13 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from .errors import (
     IdempotencyConflictError,
     InvalidRequestError,
-    InvalidTransitionError,
     JobFinishedError,
     NoSuchJobError,
 )
 from . import webhooks
 from .models import Job, new_id, utcnow
 from .schemas import JobOut
+from .states import check_move
 
 
 class JobState(str, Enum):
@@ -71,9 +71,7 @@ def transition(session, job_id, source, target, *, where=(), returning=False, **
 def transition_statement(source, target, where, values):
     """The conditional UPDATE that moves every job matching ``where`` from
     ``source`` to ``target`` (for a set of rows, e.g. a batch's chunk)."""
-    source, target = JobState(source), JobState(target)
-    if target not in ALLOWED[source]:
-        raise InvalidTransitionError(f"a job cannot go from {source.value!r} to {target.value!r}")
+    source, target = check_move(ALLOWED, source, target, "job")
     now = utcnow()
     if target == JobState.RUNNING:
         values.setdefault("started_at", func.coalesce(Job.started_at, now))

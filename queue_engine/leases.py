@@ -1,26 +1,85 @@
-"""Running jobs under a lease: what a worker does with a job it took.
+"""Running work under a lease: the one protocol for every kind of work.
 
-A worker claims a queued job (or a chunk's queued rows) for ``lease_seconds``
-and renews the lease while the engine works. Claims take queued work only:
-deciding that a worker is dead, because it stopped renewing, is the
-dispatcher's job (``recovery.py``), which puts the work back in the queue.
-Finishing is conditional on still holding the job, so a late result from a
+A single job, a tribunal's step and a batch's rows are all jobs, and a
+worker runs them all the same way, in sets:
+
+1. :func:`claim` takes a set of queued items (jobs by id, batch rows by
+   chunk) in one transaction, under the worker's lease;
+2. :func:`renew` extends the leases of everything the worker holds in one
+   statement, and says which items it no longer holds (cancelled, or given to
+   another worker after its lease expired), so their generation is stopped;
+3. :func:`finish` stores a set of outcomes in one transaction and everything
+   an outcome implies: the retry policy, the batch counts and the batch's
+   end, a tribunal's next steps, the webhook events. It returns the work to
+   send once that transaction has committed.
+
+A single job is a set of one; a worker groups what arrives together, so one
+transaction claims, renews or finishes many items. Claims take queued work
+only: deciding that a worker is dead, because it stopped renewing, is the
+dispatcher's (``recovery.py``), which puts the work back in the queue.
+Finishing is conditional on still holding the item, so a late result from a
 worker that lost it is dropped instead of overwriting the new worker's.
 """
 
 import os
 import secrets
 from datetime import timedelta
+from typing import NamedTuple
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 
-from .jobs import JobState, transition, transition_statement
-from .models import Job, utcnow
+from . import batches, jobs, tribunal
+from .dispatch import take_chunk
+from .errors import EngineRejectedError
+from .jobs import JobState, transition_statement
+from .models import Batch, Job, utcnow
+
+#: What a worker needs of an item it claimed.
+CLAIMED_COLUMNS = (Job.id, Job.model, Job.lane, Job.prompt, Job.messages, Job.params, Job.attempts,
+                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url)
 
 
-def lease_values(worker, lease_seconds):
-    """The columns a claim or a renewal writes: who holds the job, until when."""
-    return {"lease_owner": worker, "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+class Item(NamedTuple):
+    """An item a worker claimed and runs: a single job, a step or a batch row.
+    ``params`` are the row's own over its batch's."""
+
+    id: str
+    model: str
+    lane: str
+    prompt: str | None
+    messages: list | None
+    params: dict
+    attempts: int
+    batch_id: str | None = None
+    chunk: int | None = None
+    parent_id: str | None = None
+    webhook_url: str | None = None
+
+    @property
+    def request_id(self):
+        """The engine's id for this attempt: a retry is a new request."""
+        return f"{self.id}:{self.attempts}"
+
+
+class Outcome(NamedTuple):
+    """How one attempt ended: a ``generation`` (text, finish_reason,
+    prompt_tokens, completion_tokens), or the ``error`` the engine raised."""
+
+    item: Item
+    generation: object = None
+    error: BaseException | None = None
+
+
+class Finished(NamedTuple):
+    """What :func:`finish` did: the ids of items that ended and of items given
+    back after an engine error (to the queue; in a batch being cancelled, to
+    its cancelled rows). Outcomes of items the worker no longer held are in
+    neither, and ``next_jobs``, ``(job_id, model)`` of work it created (a
+    tribunal's next steps), to send once the transaction has committed."""
+
+    ended: list
+    requeued: list
+    next_jobs: list
 
 
 def worker_identity():
@@ -28,69 +87,198 @@ def worker_identity():
     return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def claim_job(session, job_id, worker, lease_seconds):
-    """Take ``job_id`` for ``worker`` if it is queued.
+def lease_values(worker, lease_seconds):
+    """The columns a claim or a renewal writes: who holds the job, until when."""
+    return {"lease_owner": worker, "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+
+
+# --- claiming ------------------------------------------------------------------
+
+
+def claim(session, worker, lease_seconds, job_ids=(), chunks=()):
+    """Take the queued items among ``job_ids`` and the ``(batch_id, chunk)``
+    chunks for ``worker``.
+
+    Items that are not queued (a duplicate message, an item running
+    elsewhere, finished or cancelled) are left alone, so a message that
+    arrives twice runs nothing twice. A tribunal whose step is claimed is
+    running from then on.
 
     Returns:
-        The job's row, now running under ``worker``'s lease; or None when it
-        is not queued (a duplicate message, a job that is running, finished
-        or cancelled), and the message should be dropped.
+        The claimed :class:`Item` s.
     """
-    return transition(session, job_id, JobState.QUEUED, JobState.RUNNING, returning=True,
-                      attempts=Job.attempts + 1, **lease_values(worker, lease_seconds))
+    rows = []
+    if job_ids:
+        rows += _claim_where(session, worker, lease_seconds, [Job.id.in_(list(job_ids))])
+        tribunals = {row.parent_id for row in rows if row.parent_id is not None}
+        if tribunals:
+            session.execute(transition_statement(JobState.QUEUED, JobState.RUNNING, [Job.id.in_(tribunals)], {}))
+    for batch_id, chunk in chunks:
+        take_chunk(session, batch_id, chunk)
+        rows += _claim_where(session, worker, lease_seconds, [Job.batch_id == batch_id, Job.chunk == chunk])
+    batch_params = _batch_params(session, {row.batch_id for row in rows if row.batch_id is not None})
+    return [
+        Item(**{**row._mapping, "params": {**batch_params.get(row.batch_id, {}), **(row.params or {})}})
+        for row in rows
+    ]
 
 
-def renew_lease(session, job_id, worker, lease_seconds):
-    """Extend the lease; False means the job is no longer ours (e.g. cancelled)."""
-    statement = (
+def _claim_where(session, worker, lease_seconds, where):
+    values = {"attempts": Job.attempts + 1, **lease_values(worker, lease_seconds)}
+    return session.execute(
+        transition_statement(JobState.QUEUED, JobState.RUNNING, where, values).returning(*CLAIMED_COLUMNS)
+    ).all()
+
+
+def _batch_params(session, batch_ids):
+    if not batch_ids:
+        return {}
+    return dict(session.execute(select(Batch.id, Batch.params).where(Batch.id.in_(batch_ids))).all())
+
+
+# --- renewing ------------------------------------------------------------------
+
+
+def renew(session, worker, job_ids, lease_seconds):
+    """Extend the leases of ``job_ids`` that ``worker`` still holds.
+
+    Returns:
+        The ids it no longer holds (cancelled, or taken back after its lease
+        expired): their generation should stop.
+    """
+    job_ids = list(job_ids)
+    if not job_ids:
+        return set()
+    held = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobState.RUNNING.value, Job.lease_owner == worker)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .where(Job.id.in_(job_ids), Job.status == JobState.RUNNING.value, Job.lease_owner == worker)
+        .values(lease_expires_at=lease_values(worker, lease_seconds)["lease_expires_at"])
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    )
-    return session.execute(statement).rowcount == 1
+    ).scalars()
+    return set(job_ids) - set(held)
 
 
-def complete_job(session, job_id, worker, text, finish_reason, prompt_tokens, completion_tokens):
-    """Store the result; False if the job was cancelled or taken over meanwhile."""
-    return complete_jobs(session, worker, [(job_id, text, finish_reason, prompt_tokens, completion_tokens)]) == 1
+# --- finishing -----------------------------------------------------------------
 
 
-def complete_jobs(session, worker, results):
-    """Store many results in one statement (executed for each), as
-    :func:`complete_job` does for one.
+def finish(session, worker, outcomes, settings):
+    """Store ``outcomes`` of items ``worker`` holds, in ``session``'s transaction.
+
+    Each outcome is one of: a generation (the item succeeds); an error the
+    engine will always give (``EngineRejectedError``: the item fails); any
+    other error (the item goes back to the queue, its message sent again
+    after ``retry_delay``, or fails after ``max_attempts``). Outcomes of items
+    the worker no longer holds are dropped. Then, for the items that ended:
+    batch counts (and the batch's end), tribunal steps, webhook events.
+
+    Returns:
+        :class:`Finished`.
+    """
+    outcomes = list({outcome.item.id: outcome for outcome in outcomes}.values())  # each item once
+    held = _hold(session, worker, [outcome.item.id for outcome in outcomes])
+    succeeded, failed, retried = [], [], []
+    for outcome in outcomes:
+        if outcome.item.id not in held:
+            continue
+        if outcome.error is None:
+            succeeded.append(outcome)
+        elif isinstance(outcome.error, EngineRejectedError):
+            failed.append((outcome.item, "engine_rejected", str(outcome.error)))
+        elif outcome.item.attempts < settings.max_attempts:
+            retried.append((outcome.item, f"{type(outcome.error).__name__}: {outcome.error}"))
+        else:
+            failed.append((outcome.item, "engine_error",
+                           f"failed after {outcome.item.attempts} attempts: {type(outcome.error).__name__}: "
+                           f"{outcome.error}"))
+    _store_generations(session, succeeded)
+    _store_failures(session, failed)
+    for item, message in retried:
+        _retry(session, worker, item, message, settings.retry_delay)
+    ended = [(o.item, JobState.SUCCEEDED) for o in succeeded] + [(item, JobState.FAILED) for item, _, _ in failed]
+    next_jobs = after_end(session, ended, settings)
+    return Finished([item.id for item, _ in ended], [item.id for item, _ in retried], next_jobs)
+
+
+def _hold(session, worker, job_ids):
+    """The ids among ``job_ids`` that ``worker`` still runs, locked for this
+    transaction, so the writes that follow all apply.
+
+    PostgreSQL locks them with ``FOR NO KEY UPDATE`` (an UPDATE here would
+    make the next UPDATE of the same rows check their foreign keys, taking a
+    share lock on a tribunal's row that deadlocks with a sibling step's
+    ``step_ended``). SQLite has no row locks and starts its transaction at
+    the first write, so there the lock is a write that changes nothing.
+    """
+    if not job_ids:
+        return set()
+    mine = [Job.id.in_(job_ids), Job.status == JobState.RUNNING.value, Job.lease_owner == worker]
+    if session.get_bind().dialect.name == "postgresql":
+        return set(session.scalars(select(Job.id).where(*mine).with_for_update(key_share=True)))
+    return set(session.execute(
+        update(Job).where(*mine).values(lease_owner=worker).returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalars())
+
+
+def _store_generations(session, outcomes):
+    if not outcomes:
+        return
+    statement = transition_statement(JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id")], {
+        "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
+        "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
+        "error_code": None, "error_message": None,
+    }).execution_options(dml_strategy="core_only")
+    session.execute(statement, [
+        {"b_id": o.item.id, "b_text": o.generation.text, "b_finish": o.generation.finish_reason,
+         "b_prompt": o.generation.prompt_tokens, "b_completion": o.generation.completion_tokens}
+        for o in outcomes
+    ])
+
+
+def _store_failures(session, failures):
+    if not failures:
+        return
+    statement = transition_statement(JobState.RUNNING, JobState.FAILED, [Job.id == bindparam("b_id")], {
+        "error_code": bindparam("b_code"), "error_message": bindparam("b_message"),
+    }).execution_options(dml_strategy="core_only")
+    session.execute(statement, [{"b_id": item.id, "b_code": code, "b_message": message}
+                                for item, code, message in failures])
+
+
+def _retry(session, worker, item, message, delay):
+    """Give a failed attempt back to the queue, keeping its error."""
+    values = {"error_code": "engine_error", "error_message": message}
+    if item.batch_id is not None:
+        # The row's chunk gets a message again; in a batch being cancelled, the row is cancelled.
+        batches.requeue_rows(session, item.batch_id, [Job.id == item.id, Job.lease_owner == worker], delay, **values)
+    else:
+        session.execute(transition_statement(
+            JobState.RUNNING, JobState.QUEUED, [Job.id == item.id, Job.lease_owner == worker],
+            {**values, "retry_at": utcnow() + timedelta(seconds=delay)}))
+
+
+def after_end(session, ended, settings):
+    """What items that just ended imply, in the transaction that ended them.
 
     Args:
-        results: ``(job_id, text, finish_reason, prompt_tokens, completion_tokens)`` tuples.
+        ended: ``(item, state)`` pairs: an item (anything with ``id``,
+            ``batch_id``, ``parent_id``, ``webhook_url``) whose move to the
+            end ``state`` this transaction made.
 
     Returns:
-        How many of the jobs were still this worker's to complete.
+        ``(job_id, model)`` of the tribunal steps that follow, to send after commit.
     """
-    if not results:
-        return 0
-    statement = transition_statement(
-        JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id"), Job.lease_owner == worker], {
-            "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
-            "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
-            "error_code": None, "error_message": None,
-        },
-    ).execution_options(dml_strategy="core_only")
-    names = ("b_id", "b_text", "b_finish", "b_prompt", "b_completion")
-    return session.execute(statement, [dict(zip(names, result)) for result in results]).rowcount
-
-
-def fail_job(session, job_id, worker, code, message):
-    """Fail the job for good (no retry)."""
-    return transition(
-        session, job_id, JobState.RUNNING, JobState.FAILED, where=[Job.lease_owner == worker],
-        error_code=code, error_message=message,
-    )
-
-
-def requeue_job(session, job_id, worker, code, message, delay):
-    """Give the job back to the queue after a failed attempt, keeping the
-    error; its message is sent again once ``delay`` seconds have passed."""
-    return transition(
-        session, job_id, JobState.RUNNING, JobState.QUEUED, where=[Job.lease_owner == worker],
-        error_code=code, error_message=message, retry_at=utcnow() + timedelta(seconds=delay),
-    )
+    counts = {}
+    next_steps = []
+    for item, state in ended:
+        if item.batch_id is not None:
+            batch_counts = counts.setdefault(item.batch_id, {"completed": 0, "failed": 0})
+            batch_counts["completed" if state == JobState.SUCCEEDED else "failed"] += 1
+        elif item.parent_id is not None:
+            next_steps += tribunal.step_ended(session, item.id, settings.tribunal)
+        elif item.webhook_url:
+            jobs.announce_end(session, item.id)
+    for batch_id, batch_counts in counts.items():
+        batches.add_counts(session, batch_id, **batch_counts)
+    return [(step.id, step.model) for step in next_steps]

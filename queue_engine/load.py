@@ -15,11 +15,9 @@ Each reading is a few index lookups, whatever the size of the backlog.
 
 from sqlalchemy import func, select, text
 
+from .batches import ACTIVE
 from .keys import LANES, queue_name
 from .models import WAITING_ALONE, Batch, Job
-
-#: Batch states in which rows still wait or run (``batches.ACTIVE``).
-ACTIVE_BATCHES = ("in_progress", "cancelling")
 
 
 def read_backlog(session, models):
@@ -41,7 +39,7 @@ def read_backlog(session, models):
         .group_by(Job.model)).all())
     unfinished_rows = dict(session.execute(
         select(Batch.model, func.sum(Batch.total - Batch.completed - Batch.failed - Batch.cancelled))
-        .where(Batch.model.in_(models), Batch.status.in_(ACTIVE_BATCHES))
+        .where(Batch.model.in_(models), Batch.status.in_(ACTIVE))
         .group_by(Batch.model)).all())
     queues = {}
     for model in models:

@@ -81,7 +81,7 @@ class Batch(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     model: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), default="validating")
+    status: Mapped[str] = mapped_column(String(20), default="in_progress")
     input_format: Mapped[str] = mapped_column(String(10))
     filename: Mapped[str | None] = mapped_column(String(255))
     id_column: Mapped[str] = mapped_column(String(200))

@@ -14,15 +14,15 @@ worker's last renewal, instead of after the broker's visibility timeout:
 
 Each change is conditional on the lease still being expired, so a worker
 that renews at the last moment keeps its work, and a late result of one that
-lost it is dropped (``leases.complete_jobs`` checks the owner).
+lost it is dropped (``leases.finish`` checks the owner).
 """
 
 from typing import NamedTuple
 
 from sqlalchemy import select
 
-from . import batches, jobs, tribunal
-from .jobs import JobState, transition
+from . import batches, leases
+from .jobs import JobState, transition_statement
 from .models import Job
 
 
@@ -36,45 +36,38 @@ class Recovered(NamedTuple):
 def recover_abandoned(session, settings, now):
     """Requeue or fail every running job and batch row whose lease expired before ``now``."""
     expired = Job.lease_expires_at < now
-    rows = session.execute(
-        select(Job.id, Job.batch_id, Job.attempts).where(Job.status == JobState.RUNNING.value, expired)
+    lost = session.execute(
+        select(Job.id, Job.batch_id, Job.parent_id, Job.webhook_url, Job.attempts)
+        .where(Job.status == JobState.RUNNING.value, expired)
     ).all()
-    requeued = failed = 0
-    lost_rows = {}
-    for job_id, batch_id, attempts in rows:
-        if batch_id is not None:
-            lost_rows.setdefault(batch_id, []).append(job_id)
-        elif attempts >= settings.max_attempts:
-            failed += fail_lost_job(session, job_id, attempts, expired, settings)
-        else:
-            requeued += transition(session, job_id, JobState.RUNNING, JobState.QUEUED, where=[expired])
-    for batch_id, job_ids in lost_rows.items():
-        row_requeued, row_failed = recover_rows(session, batch_id, job_ids, expired, settings.max_attempts)
-        requeued, failed = requeued + row_requeued, failed + row_failed
+    spent = [item for item in lost if item.attempts >= settings.max_attempts]
+    failed = fail_lost(session, spent, expired, settings)
+    requeued = 0
+    rows_by_batch, job_ids = {}, []
+    for item in lost:
+        if item.attempts < settings.max_attempts:
+            if item.batch_id is None:
+                job_ids.append(item.id)
+            else:
+                rows_by_batch.setdefault(item.batch_id, []).append(item.id)
+    if job_ids:
+        requeued += session.execute(
+            transition_statement(JobState.RUNNING, JobState.QUEUED, [Job.id.in_(job_ids), expired], {})).rowcount
+    for batch_id, row_ids in rows_by_batch.items():
+        requeued += batches.requeue_rows(session, batch_id, [Job.id.in_(row_ids), expired])
     return Recovered(requeued, failed)
 
 
-def fail_lost_job(session, job_id, attempts, expired, settings):
-    """A job whose workers died ``attempts`` times fails; a tribunal whose
-    step it was fails with it. Returns 1 if this call failed it."""
-    ended = transition(
-        session, job_id, JobState.RUNNING, JobState.FAILED, where=[expired], error_code="worker_lost",
-        error_message=f"the worker running this job was lost {attempts} times; giving up",
-    )
-    if ended:
-        tribunal.step_ended(session, job_id, settings.tribunal)
-        jobs.announce_end(session, job_id)
-    return int(ended)
-
-
-def recover_rows(session, batch_id, job_ids, expired, max_attempts):
-    """Fail the lost rows of a batch that used every attempt; requeue the rest."""
-    rows = [Job.id.in_(job_ids), expired]
-    failed = session.execute(jobs.transition_statement(
-        JobState.RUNNING, JobState.FAILED, [Job.batch_id == batch_id, *rows, Job.attempts >= max_attempts], {
+def fail_lost(session, items, expired, settings):
+    """Fail ``items``, whose workers died ``max_attempts`` times, with what
+    their end implies (``leases.after_end``): a batch's counts, a tribunal
+    failing, a webhook event. Returns how many this call failed."""
+    if not items:
+        return 0
+    failed = set(session.execute(
+        transition_statement(JobState.RUNNING, JobState.FAILED, [Job.id.in_([item.id for item in items]), expired], {
             "error_code": "worker_lost",
-            "error_message": f"the worker running this row was lost {max_attempts} times; giving up",
-        })).rowcount
-    if failed:
-        batches.add_counts(session, batch_id, failed=failed)
-    return batches.requeue_rows(session, batch_id, rows), failed
+            "error_message": f"the worker running this job was lost {settings.max_attempts} times; giving up",
+        }).returning(Job.id)).scalars())
+    leases.after_end(session, [(item, JobState.FAILED) for item in items if item.id in failed], settings)
+    return len(failed)

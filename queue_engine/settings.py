@@ -11,7 +11,6 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -106,6 +105,11 @@ class ModelProfile(_Frozen):
     path: str = Field("tiny", description='a Hugging Face model directory, or "tiny" / "tiny-large" for the built-in model')
     engine_args: dict = Field(default_factory=dict, description="passed to vLLM's EngineArgs")
     max_in_flight: int = Field(256, ge=1, le=4096, description="concurrent requests one worker feeds its engine")
+    bulk_seats_with_interactive: int = Field(
+        4, ge=0,
+        description="bulk rows that keep running while interactive requests are in the engine (the others pause, "
+                    "keeping their tokens, and resume when interactive work ends), so interactive steps stay "
+                    "near their idle time; max_in_flight or more: no bound, bulk always fills the engine")
     slurm: SlurmProfile | None = None
 
     @property
@@ -199,7 +203,6 @@ class Settings(_Frozen):
     webhook_retry_delays: list[float] = Field(
         default_factory=lambda: list(STANDARD_WEBHOOK_DELAYS), max_length=50,
         description="seconds before each retry of a webhook; after the last, the event fails")
-    engine: Literal["vllm"] = Field("vllm", description="the inference engine workers run")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body accepted")
     max_attempts: int = Field(3, ge=1, description="tries per job before it fails")
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; renewed by its worker")
@@ -213,6 +216,14 @@ class Settings(_Frozen):
         description="how long a worker keeps retrying a write it must not lose (a finished generation) "
                     "while the database is unreachable")
     retry_delay: float = Field(2.0, ge=0, description="seconds before a failed engine call is retried")
+    max_wait: float = Field(30.0, ge=0, le=3600, description="the longest long-poll (?wait=) a GET may ask for, seconds")
+    wait_interval: float = Field(
+        0.15, gt=0, le=10, description="seconds between a web process's looks for waited-on items that ended")
+    api_key_cache_seconds: float = Field(
+        5.0, ge=0, description="how long a web process trusts an API key it looked up (a revocation waits this long)")
+    web_threads: int = Field(
+        64, ge=1, le=10000,
+        description="request threads per web process; a long-poll holds one while it waits")
     batches: BatchSettings = Field(default_factory=BatchSettings)
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)

@@ -160,11 +160,6 @@ def _text_step(tribunal, step, model, text, seed):
     return _step(tribunal, step, model, text, None, seed)
 
 
-def step_started(session, tribunal_id):
-    """A step was claimed: the tribunal is running (if it was not already)."""
-    transition(session, tribunal_id, JobState.QUEUED, JobState.RUNNING)
-
-
 def step_ended(session, step_id, templates):
     """Record a step that just ended and schedule what follows.
 

@@ -24,12 +24,13 @@ from datetime import timedelta
 from enum import Enum
 from typing import NamedTuple
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from standardwebhooks.webhooks import Webhook
 
 from .errors import QueueEngineError
 from .models import ApiKey, WebhookDelivery, WebhookEvent, new_id, utcnow
 from .schemas import WebhookAttempt, WebhookEventOut
+from .states import move_statement
 
 
 class EventState(str, Enum):
@@ -38,6 +39,18 @@ class EventState(str, Enum):
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+#: Which state may follow which (the diagram above). -> QUEUED from QUEUED or
+#: SENDING: its lease ran out, the relay sends it again. DELIVERED, FAILED
+#: (and PENDING) -> PENDING: redelivery asked for through the API.
+ALLOWED = {
+    EventState.PENDING: {EventState.QUEUED, EventState.PENDING},
+    EventState.QUEUED: {EventState.QUEUED, EventState.PENDING, EventState.SENDING},
+    EventState.SENDING: {EventState.QUEUED, EventState.PENDING, EventState.DELIVERED, EventState.FAILED},
+    EventState.DELIVERED: {EventState.PENDING},
+    EventState.FAILED: {EventState.PENDING},
+}
 
 
 JOB_EVENTS = {"succeeded": "job.completed", "failed": "job.failed"}
@@ -60,6 +73,12 @@ class NoWebhookEventError(QueueEngineError):
     """Nothing to redeliver: no webhook_url, or the work has not ended."""
 
     code = "no_webhook_event"
+
+
+def event_transition(sources, target, where, **values):
+    """The conditional UPDATE that moves every event matching ``where`` from
+    one of ``sources`` to ``target`` (``states.move_statement``)."""
+    return move_statement(WebhookEvent.status, ALLOWED, sources, target, where, values, "webhook event")
 
 
 # --- recording (in the transaction that ends a job or batch) -------------------
@@ -123,27 +142,24 @@ def claim_due(session, limit=100, now=None):
     if not candidates:
         return []
     return list(session.scalars(
-        update(WebhookEvent).where(WebhookEvent.id.in_(candidates), due)
-        .values(status=EventState.QUEUED.value, lease_expires_at=now + timedelta(seconds=QUEUED_LEASE))
-        .returning(WebhookEvent.id).execution_options(synchronize_session=False)
+        event_transition([EventState.PENDING, EventState.QUEUED, EventState.SENDING], EventState.QUEUED,
+                         [WebhookEvent.id.in_(candidates), due],
+                         lease_expires_at=now + timedelta(seconds=QUEUED_LEASE))
+        .returning(WebhookEvent.id)
     ))
 
 
 def release(session, event_ids):
     """Put events whose messages could not be sent back to pending."""
-    session.execute(
-        update(WebhookEvent).where(WebhookEvent.id.in_(event_ids), WebhookEvent.status == EventState.QUEUED.value)
-        .values(status=EventState.PENDING.value, lease_expires_at=None).execution_options(synchronize_session=False)
-    )
+    session.execute(event_transition([EventState.QUEUED], EventState.PENDING, [WebhookEvent.id.in_(event_ids)],
+                                     lease_expires_at=None))
 
 
 def forget_queued(session):
     """The broker lost its messages: events waiting in it are due again now
     (not after their lease). Returns how many."""
-    return session.execute(
-        update(WebhookEvent).where(WebhookEvent.status == EventState.QUEUED.value)
-        .values(status=EventState.PENDING.value, lease_expires_at=None).execution_options(synchronize_session=False)
-    ).rowcount
+    statement = event_transition([EventState.QUEUED], EventState.PENDING, [], lease_expires_at=None)
+    return session.execute(statement).rowcount
 
 
 # --- one attempt (the delivery task) ------------------------------------------
@@ -184,13 +200,10 @@ def start_attempt(session, event_id, now=None):
     (a duplicate message, or an event already delivered)."""
     now = now or utcnow()
     row = session.execute(
-        update(WebhookEvent)
-        .where(WebhookEvent.id == event_id, WebhookEvent.status == EventState.QUEUED.value)
-        .values(status=EventState.SENDING.value, attempts=WebhookEvent.attempts + 1,
-                lease_expires_at=now + timedelta(seconds=SENDING_LEASE))
+        event_transition([EventState.QUEUED], EventState.SENDING, [WebhookEvent.id == event_id],
+                         attempts=WebhookEvent.attempts + 1, lease_expires_at=now + timedelta(seconds=SENDING_LEASE))
         .returning(WebhookEvent.attempts, WebhookEvent.url, WebhookEvent.body, WebhookEvent.owner_id,
                    WebhookEvent.round_start)
-        .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
@@ -214,25 +227,22 @@ def finish_attempt(session, attempt, outcome, retry_delays, now=None):
         event_id=attempt.event_id, attempt=attempt.number, status_code=outcome.status_code,
         error=outcome.error, duration_ms=outcome.duration_ms, at=now,
     ))
-    values = {"lease_expires_at": None}
+    ended = {"ended_at": now, "next_attempt_at": None}
     if outcome.delivered:
-        values.update(status=EventState.DELIVERED.value, ended_at=now, next_attempt_at=None)
+        target, values = EventState.DELIVERED, ended
     elif outcome.final or outcome.status_code == 410:
-        values.update(status=EventState.FAILED.value, ended_at=now, next_attempt_at=None)
+        target, values = EventState.FAILED, ended
     else:
         delay = next_delay(attempt.number - attempt.round_start, retry_delays, outcome.retry_after)
         if delay is None:
-            values.update(status=EventState.FAILED.value, ended_at=now, next_attempt_at=None)
+            target, values = EventState.FAILED, ended
         else:
-            values.update(status=EventState.PENDING.value, next_attempt_at=now + timedelta(seconds=delay))
+            target, values = EventState.PENDING, {"next_attempt_at": now + timedelta(seconds=delay)}
     # Only the holder of the current attempt moves the event on.
-    session.execute(
-        update(WebhookEvent)
-        .where(WebhookEvent.id == attempt.event_id, WebhookEvent.status == EventState.SENDING.value,
-               WebhookEvent.attempts == attempt.number)
-        .values(**values).execution_options(synchronize_session=False)
-    )
-    return EventState(values["status"])
+    session.execute(event_transition(
+        [EventState.SENDING], target, [WebhookEvent.id == attempt.event_id, WebhookEvent.attempts == attempt.number],
+        lease_expires_at=None, **values))
+    return target
 
 
 def next_delay(attempts_made, retry_delays, retry_after=None):
@@ -279,14 +289,10 @@ def redeliver(session, events, now=None):
             "there is no webhook event to send again: the work has no webhook_url, or has not ended yet")
     event = events[-1]
     now = now or utcnow()
-    session.execute(
-        update(WebhookEvent)
-        .where(WebhookEvent.id == event.id,
-               WebhookEvent.status.in_([EventState.DELIVERED.value, EventState.FAILED.value, EventState.PENDING.value]))
-        .values(status=EventState.PENDING.value, next_attempt_at=now, ended_at=None, lease_expires_at=None,
-                round_start=WebhookEvent.attempts)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(event_transition(
+        [EventState.DELIVERED, EventState.FAILED, EventState.PENDING], EventState.PENDING,
+        [WebhookEvent.id == event.id],
+        next_attempt_at=now, ended_at=None, lease_expires_at=None, round_start=WebhookEvent.attempts))
     session.refresh(event)
     return event
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from queue_engine import allocations, leadership, load, scaling
+from queue_engine.allocations import AllocationState, ScalingHealth
 from queue_engine.db import transaction
 from queue_engine.models import utcnow
 
@@ -165,13 +166,13 @@ class Autoscaler:
             self.kill_overdue(model, active, now)
             backlog = load.read_backlog(session, [model])["backlog"]
             state.idle_since = (state.idle_since or now) if backlog == 0 else None
-            workers = [a for a in active if a.state != "stopping"]
+            workers = [a for a in active if a.state != AllocationState.STOPPING]
             retry_in = (state.retry_at - now).total_seconds() if state.retry_at else 0.0
             decision = scaling.decide(
                 backlog, len(workers), slurm_profile,
                 idle_for=(now - state.idle_since).total_seconds() if state.idle_since else None,
                 idle_grace=self.settings.autoscaler.idle_grace, failures=state.failures, retry_in=retry_in,
-                unproven=sum(1 for a in workers if a.state != "serving"))
+                unproven=sum(1 for a in workers if a.state != AllocationState.SERVING))
             if decision.action == "up":
                 self.submit(session, model, decision.change, state)
             elif decision.action == "down":
@@ -254,10 +255,10 @@ class Autoscaler:
     def stop(self, workers, count):
         """Stop ``count`` workers: jobs that are not serving yet are cancelled
         outright, serving ones get SIGTERM (a warm shutdown)."""
-        order = {"pending": 0, "starting": 1, "serving": 2}
-        chosen = sorted(workers, key=lambda a: (order[a.state], -a.id))[:count]
-        cold = [a.slurm_job_id for a in chosen if a.state != "serving"]
-        warm = [a.slurm_job_id for a in chosen if a.state == "serving"]
+        order = [AllocationState.PENDING, AllocationState.STARTING, AllocationState.SERVING]
+        chosen = sorted(workers, key=lambda a: (order.index(a.state), -a.id))[:count]
+        cold = [a.slurm_job_id for a in chosen if a.state != AllocationState.SERVING]
+        warm = [a.slurm_job_id for a in chosen if a.state == AllocationState.SERVING]
         self.slurm.cancel(cold)
         self.slurm.cancel(warm, signal="TERM")
         for allocation in chosen:
@@ -267,6 +268,6 @@ class Autoscaler:
         settings = self.settings.autoscaler
         delay = scaling.backoff_delay(state.failures + 1, settings.backoff, settings.max_backoff)
         allocations.count_failure(state, why, delay, settings.error_after)
-        level = logging.ERROR if state.state == "error" else logging.WARNING
+        level = logging.ERROR if state.state == ScalingHealth.ERROR else logging.WARNING
         log.log(level, "%s: %s; failure %d in a row, %s, next try in %g s", state.model, why, state.failures,
-                "ERROR STATE" if state.state == "error" else "backing off", delay)
+                "ERROR STATE" if state.state == ScalingHealth.ERROR else "backing off", delay)

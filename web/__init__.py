@@ -3,12 +3,11 @@
 from flask import Flask
 from werkzeug.routing import BaseConverter
 
+from queue_engine.broker import Sender, make_celery
 from queue_engine.db import make_engine, make_session_factory
 from queue_engine.settings import load_settings
-from workers.celery_app import make_celery
-from workers.publish import Sender
 
-from . import batches, db, errors, health, jobs, metrics, models, openapi, tribunals, webhooks
+from . import auth, batches, db, errors, health, jobs, metrics, models, openapi, tribunals, webhooks
 
 
 class SegmentConverter(BaseConverter):
@@ -42,6 +41,7 @@ def create_app(settings=None, celery_app=None):
     app.extensions["celery"] = celery_app or make_celery(settings)
     app.extensions["qe_sender"] = Sender(app.extensions["celery"], app.extensions["qe_sessions"], settings)
     db.init_app(app)
+    auth.init_app(app)
     errors.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

@@ -11,6 +11,7 @@ from .auth import require_api_key
 from .db import get_session
 from .jobs import query_int, query_text
 from .queueing import submit_batch
+from .waiting import read_after_wait
 
 bp = Blueprint("batches", __name__, url_prefix="/api/v1")
 bp.before_request(require_api_key)
@@ -61,7 +62,9 @@ def list_batches():
 
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id):
-    return batches.batch_to_dict(batches.get_batch(get_session(), g.api_key.id, batch_id))
+    """The batch; with ``?wait=S``, once it ends or after S seconds."""
+    return batches.batch_to_dict(
+        read_after_wait("batch", lambda session: batches.get_batch(session, g.api_key.id, batch_id)))
 
 
 @bp.get("/batches/<batch_id>/results")

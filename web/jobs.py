@@ -10,6 +10,7 @@ from queue_engine.schemas import JobCreate
 from .auth import require_api_key
 from .db import get_session
 from .queueing import submit_job
+from .waiting import read_after_wait
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1")
 bp.before_request(require_api_key)
@@ -79,7 +80,8 @@ def create_job():
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id):
-    return jobs.job_to_dict(jobs.get_job(get_session(), g.api_key.id, job_id))
+    """The job; with ``?wait=S``, once it ends or after S seconds."""
+    return jobs.job_to_dict(read_after_wait("job", lambda session: jobs.get_job(session, g.api_key.id, job_id)))
 
 
 @bp.get("/jobs")

@@ -53,6 +53,8 @@ INPUT_RULES = (
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0},
+        "description": "long-poll: answer as soon as it ends, or after this many seconds (at most max_wait)"}
 PAGE = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
@@ -112,8 +114,8 @@ def build_openapi():
             "/api/v1/jobs/{job_id}": {
                 "get": {
                     "summary": "Read a job",
-                    "parameters": [JOB_ID],
-                    "responses": {"200": _json("JobOut", "the job"), **_errors(401, 404)},
+                    "parameters": [JOB_ID, WAIT],
+                    "responses": {"200": _json("JobOut", "the job"), **_errors(400, 401, 404)},
                 },
             },
             "/api/v1/jobs/{job_id}/cancel": {
@@ -149,8 +151,8 @@ def build_openapi():
             "/api/v1/batches/{batch_id}": {
                 "get": {
                     "summary": "Read a batch and its request counts",
-                    "parameters": [BATCH_ID],
-                    "responses": {"200": _json("BatchOut", "the batch"), **_errors(401, 404)},
+                    "parameters": [BATCH_ID, WAIT],
+                    "responses": {"200": _json("BatchOut", "the batch"), **_errors(400, 401, 404)},
                 },
             },
             "/api/v1/batches/{batch_id}/results": {

@@ -81,5 +81,5 @@ def submit_batch(request_body, file):
 
 
 def sender():
-    """The app's :class:`workers.publish.Sender`."""
+    """The app's :class:`queue_engine.broker.Sender`."""
     return current_app.extensions["qe_sender"]

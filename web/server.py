@@ -1,7 +1,12 @@
-"""Running the web service: waitress in front of the Flask app, and in
-embedded mode an in-process worker beside it."""
+"""Running the web service: waitress in front of the Flask app in one
+process (embedded mode, or a small cluster deployment), or gunicorn with
+several processes (cluster mode in production); in embedded mode an
+in-process worker runs beside it."""
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -11,8 +16,12 @@ from queue_engine.apikeys import create_api_key
 from queue_engine.db import make_sessions, transaction
 from queue_engine.models import ApiKey
 
-#: Threads waitress serves requests with.
-WEB_THREADS = 16
+#: Seconds gunicorn gives its workers to finish their requests on a stop:
+#: a long-poll (``?wait=``) may hold a request for ``max_wait``.
+GRACEFUL_SECONDS = 10
+#: The app factory gunicorn's workers call, each after it forks; it reads
+#: the settings from the same environment as ``serve``.
+APP_FACTORY = "web:create_app()"
 
 
 def embedded_key_path(settings):
@@ -44,4 +53,35 @@ def ensure_embedded_key(settings):
 
 def build_server(app, host="127.0.0.1", port=8000):
     """A waitress server for the Flask ``app``; call ``.run()`` on it to serve."""
-    return create_server(app, host=host, port=port, threads=WEB_THREADS)
+    threads = app.extensions["qe_settings"].web_threads
+    return create_server(app, host=host, port=port, threads=threads)
+
+
+def gunicorn_command(settings, host, port, workers):
+    """The command line of a gunicorn serving the app with ``workers``
+    processes of ``settings.web_threads`` threads each (gthread workers: a
+    thread waiting in a long-poll holds no process)."""
+    return [
+        sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", str(workers),
+        "--threads", str(settings.web_threads), "--bind", f"{host}:{port}",
+        "--graceful-timeout", str(GRACEFUL_SECONDS), "--timeout", str(int(settings.max_wait) + 30),
+        "--worker-connections", str(max(1000, 2 * settings.web_threads)),
+        "--log-level", "warning", "--no-control-socket", APP_FACTORY,
+    ]
+
+
+def run_gunicorn(settings, host, port, workers):
+    """Run gunicorn as a child process until it exits; SIGTERM, SIGINT and
+    SIGHUP are passed on to it (a stop is graceful).
+
+    It runs as a child rather than in this process so that its master forks
+    workers from a process without threads: ``serve``'s dispatcher and
+    webhook delivery run here, once, not in every worker.
+
+    Returns:
+        gunicorn's exit status.
+    """
+    process = subprocess.Popen(gunicorn_command(settings, host, port, workers))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, frame: process.send_signal(number))
+    return process.wait()

@@ -7,9 +7,10 @@ hundred threads for interactive jobs would fill them all with bulk chunks
 before it even got a thread. This consumer holds at most ``max_chunks``
 chunks (enough rows to keep the engine's bulk seats full twice over), takes
 the next one when a chunk ends, and acknowledges a chunk once every row in it
-has ended. A chunk whose worker died is never acknowledged: Redis hands it out
-again after the visibility timeout, and the row leases make that safe
-(finished rows are skipped, rows of a live worker are left to it).
+has ended. The rows themselves are claimed, run and stored by the worker's
+:class:`~workers.runner.Runner`, as every other kind of work is. A chunk
+whose worker died is never acknowledged: its rows' leases expire and the
+dispatcher puts them back in the queue (``queue_engine.recovery``).
 """
 
 import logging
@@ -17,22 +18,11 @@ import math
 import queue
 import socket
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_for_futures
 
-from queue_engine import batches
-from queue_engine.db import try_transaction
-from queue_engine.errors import EngineRejectedError
-from queue_engine.models import Job
-
-from .engine import GenerationRequest
-from .publish import bulk_queue
+from queue_engine.broker import bulk_queue
 
 log = logging.getLogger(__name__)
 
-#: Finished rows are written in groups, at most this many seconds apart.
-FLUSH_INTERVAL = 0.25
 #: How long one look for a new chunk, or for a held chunk to end, blocks.
 POLL_INTERVAL = 0.1
 
@@ -53,7 +43,6 @@ class BulkConsumer:
         self.app = app
         self.runtime = runtime
         self.max_chunks = max_chunks or max(2, math.ceil(rows / settings.batches.chunk_rows))
-        self._pool = ThreadPoolExecutor(self.max_chunks, thread_name_prefix="bulk-chunk")
         self._ended = queue.SimpleQueue()
         self._held = 0
         self._stopping = threading.Event()
@@ -69,7 +58,6 @@ class BulkConsumer:
         self._stopping.set()
         if wait:
             self._thread.join(timeout)
-            self._pool.shutdown(wait=False)
 
     def _run(self):
         while not self._stopping.is_set():
@@ -104,7 +92,7 @@ class BulkConsumer:
             message.ack()
             return
         self._held += 1
-        future = self._pool.submit(run_chunk, self.runtime, body["batch_id"], body["chunk"])
+        future = self.runtime.runner.run(chunks=[(body["batch_id"], body["chunk"])])
         future.add_done_callback(lambda future: self._ended.put((message, future)))
 
     def _settle_ended_chunks(self, block):
@@ -124,67 +112,3 @@ class BulkConsumer:
         except queue.Empty:
             pass
 
-
-def run_chunk(runtime, batch_id, chunk):
-    """Run the queued rows of one chunk to their outcomes."""
-    settings = runtime.settings
-    claim = runtime.write(lambda session: batches.claim_chunk(
-        session, batch_id, chunk, runtime.worker_id, settings.lease_seconds))
-    if claim.rows:
-        run_rows(runtime, batch_id, claim)
-
-
-def run_rows(runtime, batch_id, claim):
-    """Feed the claimed rows to the engine loop and store their outcomes in
-    groups as they finish, renewing the leases of the rest."""
-    settings = runtime.settings
-    rows = {}
-    for row in claim.rows:
-        request = GenerationRequest(
-            request_id=f"{row.id}:{row.attempts}", params={**claim.params, **(row.params or {})},
-            prompt=row.prompt, messages=row.messages, lane="bulk",
-        )
-        rows[runtime.loop.submit(request)] = row
-    pending = set(rows)
-    renew_at = time.monotonic() + settings.lease_seconds / 3
-    while pending:
-        ended, pending = wait_for_futures(pending, timeout=FLUSH_INTERVAL)
-        if ended:
-            store_outcomes(runtime, batch_id, [(rows[future], future) for future in ended])
-        if pending and time.monotonic() >= renew_at:
-            renew_leases(runtime, [rows[future].id for future in pending])
-            renew_at = time.monotonic() + settings.lease_seconds / 3
-
-
-def renew_leases(runtime, job_ids):
-    """Extend the rows' leases; skipped while the database is unreachable
-    (the outcomes are stored once it is back)."""
-    try_transaction(runtime.sessions, lambda session: batches.renew_leases(
-        session, job_ids, runtime.worker_id, runtime.settings.lease_seconds))
-
-
-def store_outcomes(runtime, batch_id, ended):
-    """Write a group of ended rows in one transaction: results, failures,
-    and rows to be tried again (back to the queue, their chunks sent again
-    after ``retry_delay``)."""
-    settings = runtime.settings
-    generations, failures, retries = [], [], []
-    for row, future in ended:
-        error = future.exception()
-        if error is None:
-            g = future.result()
-            generations.append((row.id, g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens))
-        elif isinstance(error, EngineRejectedError):
-            failures.append((row.id, "engine_rejected", str(error)))
-        elif row.attempts < settings.max_attempts:
-            retries.append((row.id, f"{type(error).__name__}: {error}"))
-        else:
-            failures.append((row.id, "engine_error", f"failed after {row.attempts} attempts: {error}"))
-
-    def store(session):
-        batches.record_outcomes(session, batch_id, runtime.worker_id, generations, failures)
-        for job_id, message in retries:
-            batches.requeue_rows(session, batch_id, [Job.id == job_id, Job.lease_owner == runtime.worker_id],
-                                 settings.retry_delay, error_code="engine_error", error_message=message)
-
-    runtime.write(store)

@@ -28,11 +28,11 @@ import threading
 import time
 
 from queue_engine import dispatch, keys, recovery, webhooks
+from queue_engine.broker import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 from queue_engine.db import is_unreachable, transaction
 from queue_engine.models import utcnow
 
 from . import metrics
-from .publish import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,12 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import signals
 
 from queue_engine import allocations, keys, leases
+from queue_engine.broker import Sender
 from queue_engine.db import make_sessions, run_transaction, transaction, upgrade_database
 
 from .batcher import EngineLoop
@@ -18,7 +19,7 @@ from .bulk import BulkConsumer
 from .celery_app import make_celery
 from .dispatcher import start_dispatcher
 from .engine import EngineSettings, VllmEngine
-from .publish import Sender
+from .runner import Runner
 from .webhooks import attach_delivery
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ class WorkerRuntime:
     loop: EngineLoop
     worker_id: str
     sender: Sender
+    #: Claims, renews and finishes this worker's work (started with the runtime).
+    runner: Runner = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.runner = Runner(self).start()
 
     def write(self, work):
         """Run ``work(session)`` in a transaction, retried while the database
@@ -98,6 +104,7 @@ def run_worker(celery_app, model, concurrency=None, loglevel="INFO"):
     finally:
         bulk.stop()
         runtime.loop.stop()
+        runtime.runner.stop()
     return worker.exitcode
 
 

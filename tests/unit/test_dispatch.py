@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from queue_engine import batches, dispatch, jobs, leases, webhooks
+from queue_engine import batches, dispatch, jobs, webhooks
 from queue_engine.db import transaction
 from queue_engine.errors import InvalidTransitionError
 from queue_engine.models import BatchChunk, Job, WebhookEvent, utcnow
@@ -15,6 +15,7 @@ from queue_engine.schemas import BatchCreate, JobCreate
 from queue_engine.uploads import Upload, read_rows
 from tests.conftest import make_key
 from tests.helpers import race
+from tests.work import break_down, claim_chunk, claim_job, succeed
 
 
 @pytest.fixture
@@ -59,8 +60,9 @@ def test_an_unsent_job_is_claimed_for_sending_once(sessions, settings, owner):
 
 def test_a_retry_is_not_sent_before_its_delay(sessions, settings, owner):
     [job_id] = new_jobs(sessions, settings, owner, 1)
-    in_session(sessions, lambda session: leases.claim_job(session, job_id, "w1", 30))
-    in_session(sessions, lambda session: leases.requeue_job(session, job_id, "w1", "engine_error", "boom", 60))
+    settings = settings.model_copy(update={"retry_delay": 60})
+    in_session(sessions, lambda session: claim_job(session, job_id))
+    assert in_session(sessions, lambda session: break_down(session, settings, job_id)).requeued == [job_id]
     assert in_session(sessions, lambda session: dispatch.claim_due_jobs(session, utcnow(), 10)) == []
     later = utcnow() + timedelta(seconds=61)
     assert in_session(sessions, lambda session: dispatch.claim_due_jobs(session, later, 10)) == [(job_id, "tiny")]
@@ -100,13 +102,12 @@ def test_a_broker_that_lost_its_data_makes_what_it_held_unsent(sessions, setting
     """Queued jobs, sent chunks and queued webhook events are due again; work
     workers already took (running jobs, taken chunks) is left alone."""
     waiting, running = new_jobs(sessions, settings, owner, 2)
-    in_session(sessions, lambda session: leases.claim_job(session, running, "w1", 30))
+    in_session(sessions, lambda session: claim_job(session, running))
     batch = new_batch(sessions, settings, owner, 3)
-    in_session(sessions, lambda session: batches.claim_chunk(session, batch.id, 0, "w1", 30))
+    in_session(sessions, lambda session: claim_chunk(session, batch.id, 0))
     [done] = new_jobs(sessions, settings, owner, 1, webhook_url="https://example.org/hook")
-    in_session(sessions, lambda session: leases.claim_job(session, done, "w1", 30))
-    in_session(sessions, lambda session: (leases.complete_job(session, done, "w1", "t", "stop", 1, 1),
-                                          jobs.announce_end(session, done)))
+    in_session(sessions, lambda session: claim_job(session, done))
+    in_session(sessions, lambda session: succeed(session, settings, done))  # records its webhook event
     in_session(sessions, lambda session: webhooks.claim_due(session))
 
     forgotten = in_session(sessions, dispatch.forget_broker)

@@ -17,6 +17,7 @@ from queue_engine.errors import (
 from queue_engine.models import Job, utcnow
 from queue_engine.schemas import JobCreate
 from tests.conftest import make_key
+from tests.work import break_down, claim_job, succeed
 
 LEASE = 30
 
@@ -34,8 +35,9 @@ def new_job(sessions, settings, owner, idempotency_key=None, **fields):
 
 
 def claim(sessions, job_id, worker="w1"):
+    """The claimed job's item, or None if it was not queued."""
     with transaction(sessions) as session:
-        return leases.claim_job(session, job_id, worker, LEASE)
+        return claim_job(session, job_id, worker, LEASE)
 
 
 def reload(sessions, job_id):
@@ -43,9 +45,11 @@ def reload(sessions, job_id):
         return session.get(Job, job_id)
 
 
-def complete(sessions, job_id, worker="w1"):
+def complete(sessions, settings, job_id, worker="w1"):
+    """Whether ``worker``'s result was stored (it still held the job)."""
     with transaction(sessions) as session:
-        return leases.complete_job(session, job_id, worker, "text", "length", 3, 4)
+        finished = succeed(session, settings, job_id, worker, "text", "length", 3, 4)
+    return job_id in finished.ended
 
 
 def test_create_job_stores_a_queued_job(sessions, settings, owner):
@@ -95,8 +99,9 @@ def test_claim_runs_a_queued_job_once(sessions, settings, owner):
     """The first claim starts the job; a duplicate message finds it running and takes nothing."""
     job, _ = new_job(sessions, settings, owner)
     first = claim(sessions, job.id, "w1")
-    assert first.status == "running" and first.attempts == 1 and first.lease_owner == "w1"
-    assert first.started_at is not None
+    assert first.id == job.id and first.attempts == 1 and first.prompt == "Hello"
+    stored = reload(sessions, job.id)
+    assert stored.status == "running" and stored.lease_owner == "w1" and stored.started_at is not None
     assert claim(sessions, job.id, "w2") is None
     assert reload(sessions, job.id).lease_owner == "w1"
 
@@ -105,7 +110,7 @@ def test_redelivered_message_for_a_finished_job_does_nothing(sessions, settings,
     """Once succeeded, a job is never claimed again."""
     job, _ = new_job(sessions, settings, owner)
     claim(sessions, job.id)
-    assert complete(sessions, job.id)
+    assert complete(sessions, settings, job.id)
     assert claim(sessions, job.id, "w2") is None
     stored = reload(sessions, job.id)
     assert stored.status == "succeeded" and stored.attempts == 1 and stored.result_text == "text"
@@ -128,8 +133,8 @@ def test_cancel_while_running_discards_the_result(sessions, settings, owner):
     with transaction(sessions) as session:
         jobs.cancel_job(session, owner, job.id)
     with transaction(sessions) as session:
-        assert not leases.renew_lease(session, job.id, "w1", LEASE)
-    assert not complete(sessions, job.id)
+        assert leases.renew(session, "w1", [job.id], LEASE) == {job.id}, "no longer held"
+    assert not complete(sessions, settings, job.id)
     assert reload(sessions, job.id).status == "cancelled"
 
 
@@ -137,7 +142,7 @@ def test_cancel_finished_job_is_refused(sessions, settings, owner):
     """A finished job cannot be cancelled."""
     job, _ = new_job(sessions, settings, owner)
     claim(sessions, job.id)
-    complete(sessions, job.id)
+    complete(sessions, settings, job.id)
     with pytest.raises(JobFinishedError, match="already ended as 'succeeded'"):
         with transaction(sessions) as session:
             jobs.cancel_job(session, owner, job.id)
@@ -150,12 +155,13 @@ def test_requeue_after_failed_attempt_keeps_the_error(sessions, settings, owner)
     claim(sessions, job.id)
     before = utcnow()
     with transaction(sessions) as session:
-        assert leases.requeue_job(session, job.id, "w1", "engine_error", "boom", delay=5)
+        retried = break_down(session, settings.model_copy(update={"retry_delay": 5}), job.id, "boom")
+    assert retried.requeued == [job.id] and retried.ended == []
     stored = reload(sessions, job.id)
     assert (stored.status, stored.error_code, stored.lease_owner) == ("queued", "engine_error", None)
     assert stored.dispatched_at is None and stored.retry_at >= before + timedelta(seconds=5)
     assert claim(sessions, job.id, "w2").attempts == 2
-    assert complete(sessions, job.id, "w2")
+    assert complete(sessions, settings, job.id, "w2")
     assert reload(sessions, job.id).error_code is None
 
 

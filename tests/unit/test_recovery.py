@@ -12,6 +12,7 @@ from queue_engine.db import transaction
 from queue_engine.models import Job, WebhookEvent, utcnow
 from queue_engine.schemas import JobCreate
 from tests.conftest import make_key
+from tests.work import claim_job, succeed
 
 LEASE = 30
 
@@ -28,7 +29,7 @@ def new_job(sessions, settings, owner, **fields):
 
 def claim(sessions, job_id, worker):
     with transaction(sessions) as session:
-        return leases.claim_job(session, job_id, worker, LEASE)
+        return claim_job(session, job_id, worker, LEASE)
 
 
 def expire_lease(sessions, job_id):
@@ -67,9 +68,9 @@ def test_an_expired_job_goes_back_to_the_queue_unsent(sessions, settings, owner)
         assert dispatch.claim_due_jobs(session, utcnow(), 10) == [(job.id, "tiny")]
     assert claim(sessions, job.id, "w2").attempts == 2
     with transaction(sessions) as session:
-        assert not leases.renew_lease(session, job.id, "dead", LEASE), "the dead worker learns it lost the job"
-        assert not leases.complete_job(session, job.id, "dead", "late", "stop", 1, 1)
-        assert leases.complete_job(session, job.id, "w2", "text", "stop", 1, 1)
+        assert leases.renew(session, "dead", [job.id], LEASE) == {job.id}, "the dead worker learns it lost the job"
+        assert succeed(session, settings, job.id, "dead", text="late").ended == []
+        assert succeed(session, settings, job.id, "w2").ended == [job.id]
 
 
 def test_a_worker_that_renews_after_its_lease_lapsed_keeps_its_job(sessions, settings, owner):
@@ -79,10 +80,10 @@ def test_a_worker_that_renews_after_its_lease_lapsed_keeps_its_job(sessions, set
     claim(sessions, job.id, "w1")
     expire_lease(sessions, job.id)
     with transaction(sessions) as session:
-        assert leases.renew_lease(session, job.id, "w1", LEASE)
+        assert leases.renew(session, "w1", [job.id], LEASE) == set(), "still held"
     assert recover(sessions, settings) == (0, 0)
     with transaction(sessions) as session:
-        assert leases.complete_job(session, job.id, "w1", "stored after the outage", "stop", 1, 1)
+        assert succeed(session, settings, job.id, "w1", text="stored after the outage").ended == [job.id]
 
 
 def test_a_job_lost_max_attempts_times_fails_and_announces_it(sessions, settings, owner):

@@ -11,6 +11,7 @@ from queue_engine import jobs
 from queue_engine.db import transaction
 from queue_engine.models import Job
 from queue_engine.schemas import JobCreate
+from queue_engine.broker import Sender, send_jobs
 from queue_engine.settings import load_settings
 from tests.conftest import make_key
 from tests.helpers import wait_until
@@ -18,7 +19,6 @@ from workers.batcher import EngineLoop
 from workers.celery_app import make_celery
 from workers.dispatcher import Dispatcher
 from workers.engine import Generation
-from workers.publish import Sender, send_jobs
 from workers.runtime import WorkerRuntime, worker_options
 
 

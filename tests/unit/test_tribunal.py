@@ -1,8 +1,9 @@
 """The tribunal's state machine, on SQLite and PostgreSQL: which steps follow
 which, what each step is asked, and what failure and cancel do.
 
-Steps are run here the way a worker runs them (claim, then end the step and
-call ``step_ended`` in one transaction), with the generated text given.
+Steps are run here the way a worker runs them (claim, then finish the step,
+which schedules the steps that follow in the same transaction), with the
+generated text given.
 Real workers run tribunals in ``tests/integration/test_tribunals.py``.
 """
 
@@ -11,7 +12,7 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from queue_engine import jobs, leases, recovery, tribunal
+from queue_engine import jobs, recovery, tribunal
 from queue_engine.db import transaction
 from queue_engine.errors import InvalidRequestError, NoSuchJobError
 from queue_engine.models import Job, utcnow
@@ -19,6 +20,7 @@ from queue_engine.schemas import TribunalCreate
 from queue_engine.settings import ModelProfile, load_settings
 from tests.conftest import make_key
 from tests.unit.test_recovery import expire_lease
+from tests.work import claim_job, reject, succeed
 
 FULL = tribunal.Decision(False)
 
@@ -44,18 +46,16 @@ def new_tribunal(sessions, settings, owner, decision=FULL, **fields):
 
 
 def run_step(sessions, settings, step_id, text=None, worker="w1", fail=None):
-    """Claim a step and end it as a worker does; returns the steps that follow."""
+    """Claim a step and finish it as a worker does; returns the steps that follow (as stored)."""
     with transaction(sessions) as session:
-        claimed = leases.claim_job(session, step_id, worker, 30)
-        assert claimed is not None, f"step {step_id} could not be claimed"
-        tribunal.step_started(session, claimed.parent_id)
+        assert claim_job(session, step_id, worker) is not None, f"step {step_id} could not be claimed"
     with transaction(sessions) as session:
         if fail:
-            ended = leases.fail_job(session, step_id, worker, "engine_rejected", fail)
+            finished = reject(session, settings, step_id, fail, worker)
         else:
-            ended = leases.complete_job(session, step_id, worker, text or f"answer of {step_id}", "stop", 10, 5)
-        assert ended
-        return tribunal.step_ended(session, step_id, settings.tribunal)
+            finished = succeed(session, settings, step_id, worker, text or f"answer of {step_id}", "stop", 10, 5)
+    assert finished.ended == [step_id]
+    return [reload(sessions, next_id) for next_id, _ in finished.next_jobs]
 
 
 def reload(sessions, job_id):
@@ -154,12 +154,12 @@ def test_cancel_stops_the_steps_and_schedules_nothing(sessions, settings, owner)
     job, candidates = new_tribunal(sessions, settings, owner)
     run_step(sessions, settings, candidates[0].id)
     with transaction(sessions) as session:
-        assert leases.claim_job(session, candidates[1].id, "w2", 30) is not None
+        assert claim_job(session, candidates[1].id, "w2") is not None
         jobs.cancel_job(session, owner, job.id)
     assert [s.status for s in steps_of(sessions, job.id)] == ["succeeded", "cancelled"]
     with transaction(sessions) as session:
-        assert not leases.complete_job(session, candidates[1].id, "w2", "late", "stop", 1, 1)
-        assert tribunal.step_ended(session, candidates[1].id, settings.tribunal) == []
+        late = succeed(session, settings, candidates[1].id, "w2", text="late")
+    assert late == ([], [], []), "the late result is dropped and schedules nothing"
     assert reload(sessions, job.id).status == "cancelled"
     assert len(steps_of(sessions, job.id)) == 2
 
@@ -169,8 +169,7 @@ def test_a_step_lost_too_often_fails_its_tribunal(sessions, settings, owner):
     job, [first, _] = new_tribunal(sessions, settings, owner)
     for worker in ("a", "b", "c"):
         with transaction(sessions) as session:
-            assert leases.claim_job(session, first.id, worker, 30) is not None
-            tribunal.step_started(session, job.id)
+            assert claim_job(session, first.id, worker) is not None
         expire_lease(sessions, first.id)
         with transaction(sessions) as session:
             recovered = recovery.recover_abandoned(session, settings, utcnow())
@@ -229,27 +228,34 @@ def test_bad_tribunal_requests_are_named(sessions, settings, owner, fields, name
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_candidates_ending_together_schedule_one_critique(sessions, settings, owner):
-    """Two workers end the last two candidates in overlapping transactions:
-    the tribunal's row lock lets exactly one of them see both answers."""
+def test_candidates_ending_together_schedule_one_critique(sessions, settings, owner, monkeypatch):
+    """Two workers end the last two candidates in overlapping transactions
+    (each has stored its answer before either records its step's end): the
+    tribunal's row lock lets exactly one of them see both answers."""
     job, candidates = new_tribunal(sessions, settings, owner)
     for step in candidates:
         with transaction(sessions) as session:
-            leases.claim_job(session, step.id, step.id, 30)
-            tribunal.step_started(session, job.id)
+            assert claim_job(session, step.id, worker=step.id) is not None
     both_completed = threading.Barrier(2)
+    step_ended = tribunal.step_ended
+
+    def step_ended_once_both_completed(session, step_id, templates):
+        both_completed.wait(timeout=10)
+        return step_ended(session, step_id, templates)
+
+    monkeypatch.setattr(tribunal, "step_ended", step_ended_once_both_completed)
     scheduled = []
 
     def end(step):
         with transaction(sessions) as session:
-            assert leases.complete_job(session, step.id, step.id, "text", "stop", 1, 1)
-            both_completed.wait(timeout=10)
-            scheduled.extend(tribunal.step_ended(session, step.id, settings.tribunal))
+            finished = succeed(session, settings, step.id, worker=step.id)
+        assert finished.ended == [step.id]
+        scheduled.extend(next_id for next_id, _ in finished.next_jobs)
 
     threads = [threading.Thread(target=end, args=(step,)) for step in candidates]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    assert [s.step for s in scheduled] == ["critique"]
+    assert [reload(sessions, step_id).step for step_id in scheduled] == ["critique"]
     assert [s.step for s in steps_of(sessions, job.id)].count("critique") == 1

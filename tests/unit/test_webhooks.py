@@ -24,6 +24,7 @@ from queue_engine.webhooks import EventState, Outcome
 from tests.conftest import make_key
 from tests.helpers import race
 from tests.unit.test_tribunal import new_tribunal, run_step
+from tests.work import Generated, claim_chunk, claim_job, reject, succeed
 
 HOOK = "https://hooks.example.org/qe"
 DELAYS = [5, 300, 1800]
@@ -48,16 +49,16 @@ def submit(sessions, settings, owner, **fields):
     return job.id
 
 
-def end_job(sessions, job_id, fail=None):
-    """End a job as ``workers.tasks.end_job`` does: outcome and event in one transaction."""
+def end_job(sessions, settings, job_id, fail=None):
+    """End a job as a worker does (``leases.finish``): outcome and event in one transaction."""
     with transaction(sessions) as session:
-        assert leases.claim_job(session, job_id, "w1", 30) is not None
+        assert claim_job(session, job_id) is not None
     with transaction(sessions) as session:
         if fail:
-            assert leases.fail_job(session, job_id, "w1", "engine_rejected", fail)
+            finished = reject(session, settings, job_id, fail)
         else:
-            assert leases.complete_job(session, job_id, "w1", "Hello!", "stop", 3, 2)
-        jobs.announce_end(session, job_id)
+            finished = succeed(session, settings, job_id, text="Hello!", prompt_tokens=3, completion_tokens=2)
+    assert finished.ended == [job_id]
 
 
 def events(sessions):
@@ -76,7 +77,7 @@ def deliveries(sessions, event_id):
 
 def test_a_finished_job_records_one_event_whose_data_is_the_job_object(sessions, settings, owner):
     job_id = submit(sessions, settings, owner, metadata={"run": "7"})
-    end_job(sessions, job_id)
+    end_job(sessions, settings, job_id)
     [event] = events(sessions)
     body = json.loads(event.body)
     assert (event.type, event.url, event.job_id, event.status) == ("job.completed", HOOK, job_id, "pending")
@@ -89,14 +90,14 @@ def test_a_finished_job_records_one_event_whose_data_is_the_job_object(sessions,
 
 def test_a_failed_job_records_job_failed_with_its_error(sessions, settings, owner):
     job_id = submit(sessions, settings, owner)
-    end_job(sessions, job_id, fail="prompt too long")
+    end_job(sessions, settings, job_id, fail="prompt too long")
     [event] = events(sessions)
     data = json.loads(event.body)["data"]
     assert event.type == "job.failed" and data["error"] == {"code": "engine_rejected", "message": "prompt too long"}
 
 
 def test_no_webhook_url_or_a_cancelled_job_records_nothing(sessions, settings, owner):
-    end_job(sessions, submit(sessions, settings, owner, webhook_url=None))
+    end_job(sessions, settings, submit(sessions, settings, owner, webhook_url=None))
     cancelled = submit(sessions, settings, owner)
     with transaction(sessions) as session:
         jobs.cancel_job(session, owner, cancelled)
@@ -132,17 +133,17 @@ def new_batch(sessions, settings, owner, csv_text, webhook_url=HOOK):
     return batch
 
 
-def run_chunk(sessions, batch_id, chunk=0):
+def run_chunk(sessions, settings, batch_id, chunk=0):
     with transaction(sessions) as session:
-        claim = batches.claim_chunk(session, batch_id, chunk, "w1", 30)
-        batches.record_outcomes(session, batch_id, "w1", [(row.id, "ok", "stop", 1, 1) for row in claim.rows])
+        rows = claim_chunk(session, batch_id, chunk)
+        leases.finish(session, "w1", [leases.Outcome(row, Generated("ok")) for row in rows], settings)
 
 
 def test_a_batch_announces_its_end_once_with_its_counts(sessions, settings, owner):
     batch = new_batch(sessions, settings, owner, "id,prompt\n1,a\n2,b\n3,  \n")  # the empty prompt fails its row
     assert events(sessions) == []
-    run_chunk(sessions, batch.id)
-    run_chunk(sessions, batch.id)  # a redelivered chunk: nothing left to run, nothing announced
+    run_chunk(sessions, settings, batch.id)
+    run_chunk(sessions, settings, batch.id)  # a redelivered chunk: nothing left to run, nothing announced
     [event] = events(sessions)
     data = json.loads(event.body)["data"]
     assert (event.type, event.batch_id, event.job_id) == ("batch.completed", batch.id, None)
@@ -170,7 +171,7 @@ def test_a_batch_whose_every_row_is_unusable_announces_batch_failed_at_once(sess
 
 @pytest.fixture
 def event_id(sessions, settings, owner):
-    end_job(sessions, submit(sessions, settings, owner))
+    end_job(sessions, settings, submit(sessions, settings, owner))
     return events(sessions)[0].id
 
 
@@ -202,7 +203,7 @@ def test_two_relays_racing_on_postgresql_split_the_due_events(sessions, settings
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite has one writer at a time; the race needs PostgreSQL")
     for _ in range(40):
-        end_job(sessions, submit(sessions, settings, owner))
+        end_job(sessions, settings, submit(sessions, settings, owner))
     first, second = race(sessions, [lambda session: webhooks.claim_due(session, limit=40)] * 2)
     assert len(first) + len(second) == 40 and not set(first) & set(second)
 

@@ -7,10 +7,11 @@ import io
 import pytest
 from sqlalchemy import func, select
 
-from queue_engine import jobs, keys, leases, webhooks
+from queue_engine import keys, webhooks
 from queue_engine.db import transaction
 from queue_engine.models import Batch, Job, WebhookEvent
 from tests.helpers import assert_matches_openapi
+from tests.work import claim_job, succeed
 
 PUBLIC = "http://93.184.215.14/hook"  # an address literal: no DNS needed
 
@@ -67,10 +68,10 @@ def ended_job_with_attempts(app, client, auth, outcomes):
     job_id = response.get_json()["id"]
     sessions = app.extensions["qe_sessions"]
     with transaction(sessions) as session:
-        leases.claim_job(session, job_id, "w1", 30)
+        claim_job(session, job_id)
     with transaction(sessions) as session:
-        leases.complete_job(session, job_id, "w1", "hi", "stop", 1, 1)
-        event = jobs.announce_end(session, job_id)
+        assert succeed(session, app.extensions["qe_settings"], job_id, text="hi").ended == [job_id]  # records the event
+        event = session.scalars(select(WebhookEvent).where(WebhookEvent.job_id == job_id)).one()
     for outcome in outcomes:
         with transaction(sessions) as session:
             session.execute(WebhookEvent.__table__.update().values(next_attempt_at=webhooks.utcnow()))

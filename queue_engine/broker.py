@@ -1,8 +1,18 @@
-"""Putting work on the broker: which message goes to which queue.
+"""The broker: the Celery app's configuration, and putting work on the queues.
+
+This module configures a Celery app and sends messages by queue and task
+name (``queue_engine.keys``); it registers no task, so the web can send
+without importing the worker. ``workers.celery_app`` registers the worker's
+tasks on an app built here.
+
+Generations go to the database, never to a Celery result backend. Tasks are
+acknowledged late and requeued if their worker dies; the job leases in
+``queue_engine.leases`` make a redelivered message safe.
 
 Every queue is reached through the default exchange, straight to the queue
 named by the routing key, so no binding has to exist in Redis: a Redis that
-restarted without its data takes the messages at once.
+restarted without its data takes the messages at once. The bulk lane carries
+plain kombu messages, one per chunk of batch rows.
 
 A send never raises for a broker that is down: it returns what it could not
 send, and the caller marks that unsent in the database (``queue_engine.dispatch``)
@@ -12,6 +22,7 @@ for the dispatcher to send when the broker is back.
 import logging
 import time
 
+from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -26,7 +37,41 @@ BROKER_ERRORS = (KombuError, RedisError, OSError)
 #: Seconds a process stops trying the broker after it refused a send: the
 #: dispatcher sends what waits once the broker is back.
 PAUSE_AFTER_REFUSAL = 5.0
+#: kombu polls the in-process broker once a second unless told otherwise.
+MEMORY_POLLING_INTERVAL = 0.005
 
+
+def make_celery(settings):
+    """A configured Celery app for ``settings``, without tasks: Redis in
+    cluster mode, in-process when embedded."""
+    broker = settings.broker_url or "memory://"
+    if settings.is_embedded:
+        transport_options = {"polling_interval": MEMORY_POLLING_INTERVAL}
+    else:
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for a dead worker's messages a few times per timeout, so
+            # they come back soon after it expires (kombu's default: 100 s).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
+        }
+    app = Celery("queue_engine", broker=broker, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        # Fail fast when the broker is down, so the web can answer 503 quickly.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    app.qe_settings = settings
+    return app
 
 class Sender:
     """Sends the messages of work a process just committed (the web's
