@@ -32,11 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import requests  # noqa: E402
 
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
-from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until  # noqa: E402
+from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until_serving  # noqa: E402
 
 #: Seconds a request may take before it counts as an error.
 REQUEST_TIMEOUT = 120
@@ -146,18 +145,6 @@ async def run_mode(url, key, job_ids, args, wait):
     return tally.summary(elapsed, wait)
 
 
-def wait_until_answering(url, server, log_path):
-    """Until ``/healthz`` answers: gunicorn listens before its workers have built the app."""
-    def up():
-        assert server.poll() is None, log_path.read_text()
-        try:
-            return requests.get(url + "/healthz", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    wait_until(up, 60, f"`queue-engine serve` at {url}", 0.2)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pollers", type=int, default=1000)
@@ -186,7 +173,7 @@ def main():
         server = spawn(["serve", "--port", str(port), "--workers", str(args.workers)], env, log_path)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_answering(url, server, log_path)
+            wait_until_serving(url, server, log_path, 60)
             with transaction(make_sessions(database_url)) as session:
                 key = create_api_key(session, f"load-{time.time_ns()}").key
             job_ids = asyncio.run(create_jobs(url, key, args.pollers))

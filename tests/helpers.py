@@ -140,14 +140,17 @@ class WebInProcess:
 
 
 def wait_until_serving(url, process, log_path, timeout):
-    """Wait until a `queue-engine serve` subprocess answers ``/healthz``; fail if it exits."""
+    """Wait until a `queue-engine serve` subprocess answers ``/healthz``; fail if it exits.
+
+    Not answering counts as not up yet, not only a refused connection:
+    gunicorn's master listens before its workers have built the app."""
     import requests
 
     def up():
         assert process.poll() is None, f"serve exited; see {log_path}"
         try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
+            return requests.get(url + "/healthz", timeout=2).ok
+        except requests.RequestException:
             return False
 
     wait_until(up, timeout, f"`queue-engine serve` at {url} (log: {log_path})", 0.2)

@@ -10,7 +10,7 @@ import requests
 from queue_engine import keys
 from queue_engine.db import make_sessions, transaction
 from queue_engine.apikeys import create_api_key
-from tests.helpers import free_port, spawn, stop_process, wait_until
+from tests.helpers import free_port, spawn, stop_process, wait_until, wait_until_serving
 
 
 def children(pid):
@@ -39,16 +39,7 @@ def production_server(tmp_path, redis_server, cluster_database_url):
     process = spawn(["serve", "--port", str(port), "--workers", "2"], env, log_path)
     url = f"http://127.0.0.1:{port}"
 
-    def up():
-        # gunicorn's master listens before its workers have built the app:
-        # until one has, a connection is accepted and not answered.
-        assert process.poll() is None, log_path.read_text()
-        try:
-            return requests.get(url + "/healthz", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    wait_until(up, 60, f"`queue-engine serve --workers 2` at {url} (log: {log_path})", 0.2)
+    wait_until_serving(url, process, log_path, 60)
     yield process, url, broker, log_path
     stop_process(process)
     broker.close()
