@@ -29,6 +29,8 @@ test: setup system-deps
 bench: setup system-deps
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/batches.py
+	$(BIN)/python bench/interactive.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/tribunal.py
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/scale_out.py

@@ -13,6 +13,7 @@ its last line.
 
 import argparse
 import json
+import signal
 import psutil
 import os
 import subprocess
@@ -55,7 +56,46 @@ def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, model, redis):
+#: Where a profile's samples go, the first rule whose text is in the stack wins.
+PROFILE_BUCKETS = {
+    "worker": [("engine step (vLLM)", "_step (workers/batcher.py"),
+               ("engine: adding requests", "_add (workers/batcher.py"),
+               ("runner: database", ("workers/runner.py", "sqlalchemy")),
+               ("runner: other", "workers/runner.py"),
+               ("Celery + kombu (taking messages, acks)", ("celery/", "kombu/")),
+               ("other", "")],
+    "web": [("dispatcher", "workers/dispatcher.py"),
+            ("HTTP: database", ("web/", "sqlalchemy")),
+            ("HTTP: sending to the broker", ("web/", "kombu/")),
+            ("HTTP: the rest (server, Flask, JSON, pydantic)", ("waitress", "flask", "werkzeug")),
+            ("other", "")],
+}
+
+
+def start_profile(pid, path):
+    """py-spy sampling ``pid`` (on-CPU stacks) into ``path``, if py-spy is installed."""
+    binary = Path(sys.executable).with_name("py-spy")
+    if not binary.exists():
+        return None
+    return subprocess.Popen([str(binary), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                             "--nonblocking", "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path, buckets):
+    """Share of the samples in ``path`` (py-spy raw: ``stack count`` lines) per bucket, in percent."""
+    counts = dict.fromkeys([name for name, _ in buckets], 0)
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        for name, needles in buckets:
+            needles = (needles,) if isinstance(needles, str) else needles
+            if all(needle in stack for needle in needles):
+                counts[name] += int(count)
+                break
+    total = sum(counts.values()) or 1
+    return {name: round(100 * count / total, 1) for name, count in counts.items()}
+
+
+def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, model, redis, profile=None):
     """Start `queue-engine serve` (cluster mode, its own process) and a worker
     with ``command``, warm up, then time all prompts as HTTP jobs.
 
@@ -79,6 +119,8 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
         processes = {"web": psutil.Process(serve.pid), "worker": psutil.Process(worker.pid),
                      "redis": psutil.Process(redis.process.pid)}
         cpu_before = {name: cpu_seconds(process) for name, process in processes.items()}
+        profilers = {} if profile is None else {
+            role: start_profile(processes[role].pid, profile / f"{name}-{role}.txt") for role in ("web", "worker")}
         body = lambda p: {"model": model, "prompt": p, "params": {"max_tokens": max_tokens, "temperature": 0}}  # noqa: E731
         started = datetime.now(timezone.utc)
         with ThreadPoolExecutor(16) as pool:
@@ -88,6 +130,9 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
         # cores, thousands of polls would steal the CPU the engine needs.
         wait_until(lambda: count_finished(sessions, ids) == len(ids), 1800, "every job to finish", 0.2)
         cpu = {name: cpu_seconds(process) - cpu_before[name] for name, process in processes.items()}
+        for profiler in profilers.values():
+            if profiler is not None:
+                stop_process(profiler, signal.SIGINT)
         finished = [client.get_job(job_id) for job_id in ids]
     finally:
         stop_process(worker)
@@ -95,7 +140,9 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
     assert all(job["status"] == "succeeded" for job in finished), [j["error"] for j in finished if j["error"]][:3]
     last = max(datetime.fromisoformat(job["finished_at"]) for job in finished)
     return {"elapsed_s": (last - started).total_seconds(), "submit_s": (submitted - started).total_seconds(),
-            "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished), "cpu_s": cpu}
+            "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished), "cpu_s": cpu,
+            "profile": {role: summarise_profile(profile / f"{name}-{role}.txt", PROFILE_BUCKETS[role])
+                        for role, profiler in profilers.items() if profiler is not None}}
 
 
 def cpu_seconds(process):
@@ -134,9 +181,14 @@ def main():
     parser.add_argument("--model", default="tiny-large", choices=["tiny", "tiny-large"])
     parser.add_argument("--max-in-flight", type=int, default=256)
     parser.add_argument("--database-url", default=None, help="default: a SQLite file in a temporary directory")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a directory: sample the web and the worker with py-spy while (a) runs, and print "
+                             "where their CPU went")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model, CACHE, log=print)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     prompts = make_prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -151,7 +203,7 @@ def main():
             print("(a) HTTP + Redis + batching worker ...", flush=True)
             service = run_through_service(
                 env, settings, [PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "worker", "--model", args.model],
-                prompts, args.max_tokens, tmp, "service", args.model, redis)
+                prompts, args.max_tokens, tmp, "service", args.model, redis, args.profile)
             print(f"(c) HTTP + Redis + naive one-prompt-per-call worker, {args.naive_prompts} prompts ...", flush=True)
             naive = {"elapsed_s": float("nan"), "completion_tokens": float("nan")} if args.skip_naive else run_through_service(
                 env, settings, [PYTHON, str(ROOT / "bench" / "naive_worker.py"), args.model],
@@ -178,6 +230,7 @@ def main():
         # CPU of web + worker + Redis while the jobs ran, less the offline run's (the engine's own).
         "service_cpu_s": {name: round(value, 2) for name, value in service["cpu_s"].items()},
         "offline_cpu_s": round(offline["cpu_s"], 2),
+        "profile_percent": service["profile"],
         "orchestration_cpu_ms_per_job": round(
             1000 * (sum(service["cpu_s"].values()) - offline["cpu_s"]) / args.prompts, 2),
     }

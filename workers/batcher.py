@@ -10,6 +10,12 @@ Two lanes share the engine. Interactive requests enter it at the next step,
 always. Bulk rows (batch chunks) wait in the loop and enter only while the
 engine runs fewer than ``max_num_seqs - reserve`` requests, so the batch
 always has seats for interactive work however deep the bulk backlog is.
+
+A full batch makes every step slow (on a CPU, step time grows with the
+batch), and an interactive request shares those steps. So while interactive
+requests are in the engine, at most ``bulk_seats_with_interactive`` bulk rows
+run in each step (the engine holds the others, keeping what they generated);
+once none are, bulk rows fill the engine again.
 """
 
 import collections
@@ -25,6 +31,10 @@ from . import metrics
 log = logging.getLogger(__name__)
 
 
+#: EngineLoop's default bound: the engine's own ``bulk_seats_with_interactive``.
+FROM_ENGINE = object()
+
+
 class EngineLoopStopped(RuntimeError):
     """The loop was stopped before the request finished."""
 
@@ -34,20 +44,32 @@ class EngineLoop:
 
     Args:
         engine: has ``add(request)``, ``step() -> [(request_id, result)]``,
-            ``abort(request_id)`` and ``max_num_seqs``.
+            ``abort(request_id)`` and ``max_num_seqs``; and, where
+            ``bulk_seats_with_interactive`` is not None, ``limit_bulk(n)``
+            (from the next step, run at most ``n`` bulk rows, holding the
+            others without losing them; ``None`` lifts the bound).
         idle_wait: seconds the thread blocks for new work when it has none.
         reserve: seats of the batch that bulk rows leave to interactive
             requests (default: a sixteenth of ``max_num_seqs``).
+        bulk_seats_with_interactive: bulk rows that run in each step while
+            interactive requests are in the engine; ``None``: no bound.
+            Default: the engine's ``bulk_seats_with_interactive`` attribute
+            (VllmEngine takes it from the model profile), else ``None``.
     """
 
-    def __init__(self, engine, idle_wait=0.05, reserve=None):
+    def __init__(self, engine, idle_wait=0.05, reserve=None, bulk_seats_with_interactive=FROM_ENGINE):
         self._engine = engine
         self._idle_wait = idle_wait
         reserve = max(1, engine.max_num_seqs // 16) if reserve is None else reserve
         self._bulk_seats = max(1, engine.max_num_seqs - reserve)
+        if bulk_seats_with_interactive is FROM_ENGINE:
+            bulk_seats_with_interactive = getattr(engine, "bulk_seats_with_interactive", None)
+        self._bulk_with_interactive = bulk_seats_with_interactive
+        self._bulk_limit = None  # the bound the engine was last given
         self._inbox = queue.SimpleQueue()
         self._bulk_waiting = collections.deque()
         self._futures = {}
+        self._bulk_in_engine = set()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -84,6 +106,7 @@ class EngineLoop:
         while not self._stopping.is_set():
             self._take_new_requests(block=not self._futures and not self._bulk_waiting)
             self._seat_bulk_rows()
+            self._limit_bulk()
             if self._futures:
                 self._step()
         stopped = EngineLoopStopped("the engine loop stopped")
@@ -109,6 +132,7 @@ class EngineLoop:
 
     def _abort(self, request_id):
         if self._futures.pop(request_id, None) is not None:
+            self._bulk_in_engine.discard(request_id)
             self._engine.abort(request_id)
             metrics.REQUESTS.labels("aborted").inc()
         else:
@@ -123,6 +147,16 @@ class EngineLoop:
         while self._bulk_waiting and len(self._futures) < self._bulk_seats:
             self._add(*self._bulk_waiting.popleft())
 
+    def _limit_bulk(self):
+        """Bound the bulk rows in each step while interactive requests are in the engine."""
+        if self._bulk_with_interactive is None:
+            return
+        interactive = len(self._futures) > len(self._bulk_in_engine)
+        limit = self._bulk_with_interactive if interactive else None
+        if limit != self._bulk_limit:
+            self._engine.limit_bulk(limit)
+            self._bulk_limit = limit
+
     def _add(self, payload, future):
         try:
             self._engine.add(payload)
@@ -131,6 +165,8 @@ class EngineLoop:
             future.set_exception(e)
             return
         self._futures[payload.request_id] = future
+        if payload.lane == "bulk":
+            self._bulk_in_engine.add(payload.request_id)
 
     def _step(self):
         batch = min(len(self._futures), self._engine.max_num_seqs)
@@ -145,8 +181,10 @@ class EngineLoop:
                 future.set_exception(e)
             metrics.REQUESTS.labels("error").inc(len(self._futures))
             self._futures.clear()
+            self._bulk_in_engine.clear()
         else:
             for request_id, result in finished:
+                self._bulk_in_engine.discard(request_id)
                 future = self._futures.pop(request_id, None)
                 if future is not None:
                     metrics.REQUESTS.labels("finished").inc()

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 #: Built-in model names a profile's ``path`` may use, and the size each builds.
 BUILT_IN_MODELS = {"tiny": "small", "tiny-large": "large"}
 
+#: vLLM priorities of the two lanes (lower runs first): a waiting interactive
+#: request is admitted before any waiting bulk row, and under KV-cache pressure
+#: vLLM preempts bulk rows first.
+LANE_PRIORITY = {"interactive": 0, "bulk": 1}
+
 #: Environment vLLM needs to run well in-process on a CPU (notes/vllm-on-cpu.md).
 VLLM_CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -57,6 +62,9 @@ class EngineSettings:
     model_dir: str
     engine_args: dict = field(default_factory=dict)
     max_num_seqs: int = 256
+    #: Bulk rows that keep running while interactive requests are in the
+    #: engine (the profile's ``bulk_seats_with_interactive``); None: no bound.
+    bulk_seats_with_interactive: int | None = None
 
     @classmethod
     def from_profile(cls, profile, settings, log=log.info):
@@ -65,6 +73,8 @@ class EngineSettings:
             model_dir=str(resolve_model_dir(profile.path, settings.models_dir, log)),
             engine_args=dict(profile.engine_args),
             max_num_seqs=min(profile.max_in_flight, 1024),
+            bulk_seats_with_interactive=(profile.bulk_seats_with_interactive
+                                         if profile.bulk_seats_with_interactive < profile.max_in_flight else None),
         )
 
 
@@ -119,6 +129,8 @@ class VllmEngine:
             "enforce_eager": True,
             # Rows of a batch often share an instruction; keep its KV blocks.
             "enable_prefix_caching": True,
+            # Interactive requests ahead of bulk rows (LANE_PRIORITY, limit_bulk).
+            "scheduling_policy": "priority",
             **engine_settings.engine_args,
         }
         if "dtype" not in args and os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
@@ -127,6 +139,16 @@ class VllmEngine:
         self._tokenizer = self._engine.get_tokenizer()
         self.max_num_seqs = engine_settings.max_num_seqs
         self.max_model_len = self._engine.model_config.max_model_len
+        self.bulk_seats_with_interactive = engine_settings.bulk_seats_with_interactive
+        self._priorities = args["scheduling_policy"] == "priority"
+        self._bulk_limit = None  # limit_bulk's bound
+        self._warned = False  # limit_bulk warned that it cannot apply
+        self._held = []  # bulk rows taken out of the scheduler's running list, in the order they go back
+        # The scheduler is reachable only with the engine core in this process
+        # (VLLM_ENABLE_V1_MULTIPROCESSING=0); otherwise limit_bulk does nothing.
+        core = getattr(self._engine.engine_core, "engine_core", None)
+        self._scheduler = getattr(core, "scheduler", None)
+        self._max_active = getattr(self._scheduler, "max_num_active_reqs", None)
 
     def add(self, request):
         """Queue ``request`` in the engine.
@@ -139,12 +161,15 @@ class VllmEngine:
         else:
             prompt = request.prompt
         try:
-            self._engine.add_request(request.request_id, prompt, self._sampling_params(**request.params))
+            self._engine.add_request(request.request_id, prompt, self._sampling_params(**request.params),
+                                     priority=LANE_PRIORITY[request.lane] if self._priorities else 0)
         except self._rejections as e:
             raise EngineRejectedError(str(e)) from e
 
     def step(self):
         """Run one engine step; returns ``(request_id, Generation)`` for each finished request."""
+        if self._bulk_limit is not None or self._held:
+            self._hold_bulk_to_limit()
         finished = []
         for output in self._engine.step():
             if output.finished:
@@ -160,3 +185,61 @@ class VllmEngine:
 
     def abort(self, request_id):
         self._engine.abort_request([request_id])
+        self._held = [r for r in self._held if r.request_id != request_id]
+
+    def limit_bulk(self, seats):
+        """From the next step on, run at most ``seats`` bulk rows in each step; ``None`` lifts the bound.
+
+        Interactive requests always run. Bulk rows over the bound are held:
+        they keep their KV cache and every token generated so far, sit out
+        the steps (vLLM treats them as running requests it did not schedule,
+        as when a step's token budget runs out) and continue where they
+        stopped once the bound rises or lifts. Greedy outputs are the same
+        as without the hold (tests/integration/test_engine_preemption.py).
+
+        Reaches into vLLM's v1 scheduler (``LLMEngine.engine_core.engine_core
+        .scheduler``); verified on vLLM 0.32.0 (vllm-cpu, in-process:
+        ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). It uses
+        ``scheduling_policy="priority"`` with the lane priorities, so waiting
+        interactive requests are admitted first; ``Scheduler.running``, from
+        which held rows are taken out and put back; and
+        ``Scheduler.max_num_active_reqs`` (admission into running), capped
+        at the interactive requests plus ``seats``. Without priority
+        scheduling (a profile's ``engine_args`` chose another policy) or
+        with the engine core in another process it does nothing (a warning).
+        """
+        if not self._priorities or self._max_active is None:
+            if seats is not None and not self._warned:
+                self._warned = True
+                log.warning("bulk_seats_with_interactive not applied: it needs scheduling_policy='priority' and "
+                            "the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+            return
+        self._bulk_limit = seats
+        self._hold_bulk_to_limit()
+
+    def _hold_bulk_to_limit(self):
+        """Hold running bulk rows over the bound, or give held rows back their seats.
+
+        Runs before every step while a bound is set or rows are held, since
+        requests come and go; one pass over the running requests.
+        """
+        scheduler, seats, bulk = self._scheduler, self._bulk_limit, LANE_PRIORITY["bulk"]
+        held = [r for r in self._held if not r.is_finished()]
+        running_bulk = [r for r in scheduler.running if r.priority >= bulk]
+        if seats is not None and len(running_bulk) > seats:
+            # The latest admitted leave; the rows that have run longest keep going.
+            leaving = set(running_bulk[seats:])
+            scheduler.running[:] = [r for r in scheduler.running if r not in leaving]
+            held = running_bulk[seats:] + held
+        elif held:
+            room = scheduler.max_num_running_reqs - len(scheduler.running)
+            back = held if seats is None else held[:seats - len(running_bulk)]
+            back = back[:room]
+            scheduler.running.extend(back)
+            held = held[len(back):]
+        self._held = held
+        if seats is None:
+            scheduler.max_num_active_reqs = self._max_active - len(held)
+        else:
+            interactive = sum(1 for r in scheduler.requests.values() if r.priority < bulk and not r.is_finished())
+            scheduler.max_num_active_reqs = min(self._max_active - len(held), interactive + seats)

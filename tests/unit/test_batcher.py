@@ -16,12 +16,20 @@ from workers.engine import GenerationRequest
 
 
 class ScriptedEngine:
-    """Finishes each request after ``params['steps']`` steps; records every step's batch."""
+    """Finishes each request after ``params['steps']`` steps; records every step's batch.
+
+    Under ``limit_bulk(n)`` a step runs every interactive request and the
+    first ``n`` bulk rows added; the other rows are held (they keep their
+    remaining steps), as VllmEngine holds them.
+    """
 
     max_num_seqs = 64
 
     def __init__(self, fail_on_step=None):
         self.remaining = {}
+        self.lanes = {}
+        self.bulk_limit = None
+        self.limits = []
         self.batches = []
         self.aborted = []
         self.fail_on_step = fail_on_step
@@ -32,15 +40,24 @@ class ScriptedEngine:
         if request.prompt == "too long":
             raise EngineRejectedError("prompt is longer than the model allows")
         self.remaining[request.request_id] = request.params["steps"]
+        self.lanes[request.request_id] = request.lane
+
+    def limit_bulk(self, seats):
+        self.limits.append(seats)
+        self.bulk_limit = seats
 
     def step(self):
         if self.gated:
             self.step_gate.acquire()
-        self.batches.append(sorted(self.remaining))
+        running = list(self.remaining)
+        if self.bulk_limit is not None:
+            held = [r for r in running if self.lanes[r] == "bulk"][self.bulk_limit:]
+            running = [r for r in running if r not in held]
+        self.batches.append(sorted(running))
         if self.fail_on_step == len(self.batches):
             raise RuntimeError("device lost")
         finished = []
-        for request_id in list(self.remaining):
+        for request_id in running:
             self.remaining[request_id] -= 1
             if self.remaining[request_id] == 0:
                 del self.remaining[request_id]
@@ -185,3 +202,129 @@ def test_a_waiting_bulk_row_can_be_aborted(engine, loop):
     engine.step_gate.release()
     wait_until(lambda: loop.bulk_waiting == 0, 5, "the waiting row dropped")
     assert loop.in_flight == 60 and engine.aborted == []
+
+
+# --- the bulk-seat policy: few bulk rows beside interactive work -------------------------
+
+
+@pytest.fixture
+def bounded():
+    """A loop whose engine runs at most 4 bulk rows while interactive requests are in it."""
+    engine = ScriptedEngine()
+    engine.bulk_seats_with_interactive = 4
+    engine.gated = True
+    loop = EngineLoop(engine, idle_wait=0.01).start()
+    yield engine, loop
+    engine.gated = False
+    engine.step_gate.release()
+    loop.stop()
+
+
+def bulk_in(batch):
+    return [r for r in batch if r.startswith("b")]
+
+
+def fill_with_bulk_then_add_urgent(engine, loop, urgent_steps=3):
+    """70 bulk rows (60 seated), one step, then an interactive request taken in for step 3."""
+    rows = [loop.submit(request(f"b{i:02}", steps=10, lane="bulk")) for i in range(70)]
+    engine.step_gate.release()
+    wait_until(lambda: len(engine.batches) == 1, 5, "first step")
+    urgent = loop.submit(request("urgent", steps=urgent_steps))
+    engine.step_gate.release()  # step 2 was already waiting with the bulk rows alone
+    wait_until(lambda: loop.in_flight == 61, 5, "the interactive request taken in")
+    return rows, urgent
+
+
+def run_freely(engine):
+    engine.gated = False
+    engine.step_gate.release()
+
+
+def test_interactive_work_bounds_the_bulk_rows_from_the_next_step(bounded):
+    """Bulk fills the engine; an interactive request arrives: its first step runs 4 bulk rows, not 60."""
+    engine, loop = bounded
+    rows, urgent = fill_with_bulk_then_add_urgent(engine, loop)
+    engine.step_gate.release()
+    wait_until(lambda: len(engine.batches) == 3, 5, "step 3")
+    assert len(bulk_in(engine.batches[1])) == 60
+    assert "urgent" in engine.batches[2] and len(bulk_in(engine.batches[2])) == 4
+    assert loop.in_flight == 61, "the other 56 rows are held in the engine, not dropped"
+    run_freely(engine)
+    assert urgent.result(timeout=5) == "done urgent"
+
+
+def test_bulk_fills_the_engine_again_when_interactive_work_ends(bounded):
+    engine, loop = bounded
+    rows, urgent = fill_with_bulk_then_add_urgent(engine, loop, urgent_steps=3)
+    run_freely(engine)
+    assert urgent.result(timeout=5) == "done urgent"
+    done, _ = wait(rows, timeout=10)
+    assert len(done) == 70
+    with_urgent = [i for i, batch in enumerate(engine.batches) if "urgent" in batch]
+    assert with_urgent == [2, 3, 4]
+    assert all(len(bulk_in(engine.batches[i])) == 4 for i in with_urgent)
+    assert len(bulk_in(engine.batches[5])) == 60, "the step after it ends runs the full bulk batch again"
+    assert engine.limits == [4, None], "the bound is set once when interactive work starts, lifted once it ends"
+
+
+def test_no_bulk_row_is_lost_or_run_twice_under_the_bound(bounded):
+    """Every row runs exactly its 10 steps and resolves once, however often it was held."""
+    engine, loop = bounded
+    rows, urgent = fill_with_bulk_then_add_urgent(engine, loop)
+    later = [loop.submit(request(f"i{i}", steps=2)) for i in range(3)]
+    run_freely(engine)
+    done, _ = wait([*rows, urgent, *later], timeout=10)
+    assert len(done) == 74
+    assert [f.result() for f in rows] == [f"done b{i:02}" for i in range(70)]
+    for i in range(70):
+        assert sum(f"b{i:02}" in batch for batch in engine.batches) == 10
+    assert loop.in_flight == 0 and loop.bulk_waiting == 0
+    assert max(len(bulk_in(b)) for b in engine.batches if any(not r.startswith("b") for r in b)) == 4
+
+
+def test_held_bulk_rows_and_interactive_requests_can_be_aborted(bounded):
+    """A held row aborts like any other; aborting the only interactive request lifts the bound."""
+    engine, loop = bounded
+    rows, urgent = fill_with_bulk_then_add_urgent(engine, loop, urgent_steps=20)
+    engine.step_gate.release()
+    wait_until(lambda: len(engine.batches) == 3, 5, "step 3")
+    assert "b59" not in engine.batches[2], "b59 is held"
+    loop.abort("b59")
+    loop.abort("urgent")
+    engine.step_gate.release()  # step 4 was already waiting, before the aborts
+    wait_until(lambda: engine.aborted == ["b59", "urgent"], 5, "aborts to reach the engine")
+    engine.step_gate.release()
+    wait_until(lambda: len(engine.batches) == 5, 5, "step 5")
+    assert engine.limits == [4, None]
+    assert len(bulk_in(engine.batches[4])) == 60, "59 seated rows run again, and one waiting row took b59's seat"
+    run_freely(engine)
+    done, _ = wait(rows[:59] + rows[60:], timeout=10)
+    assert len(done) == 69
+    wait_until(lambda: loop.in_flight == 0, 5, "the engine to empty")
+    assert not rows[59].done() and not urgent.done()
+
+
+def test_without_a_bound_bulk_keeps_its_seats_beside_interactive_work(engine):
+    """bulk_seats_with_interactive=None turns the policy off: the engine is never limited."""
+    engine.bulk_seats_with_interactive = 4
+    loop = EngineLoop(engine, idle_wait=0.01, bulk_seats_with_interactive=None).start()
+    try:
+        rows = [loop.submit(request(f"b{i:02}", steps=3, lane="bulk")) for i in range(10)]
+        urgent = loop.submit(request("urgent", steps=3))
+        assert urgent.result(timeout=5) == "done urgent"
+        wait(rows, timeout=5)
+        assert engine.limits == [] and all(f.done() for f in rows)
+    finally:
+        loop.stop()
+
+
+def test_the_profile_setting_reaches_the_engine_and_max_in_flight_turns_it_off():
+    from queue_engine.settings import ModelProfile, load_settings
+    from workers.engine import EngineSettings
+
+    settings = load_settings(environ={})
+    default = ModelProfile(path="/models/m")
+    assert EngineSettings.from_profile(default, settings).bulk_seats_with_interactive == \
+        default.bulk_seats_with_interactive
+    off = ModelProfile(path="/models/m", max_in_flight=64, bulk_seats_with_interactive=64)
+    assert EngineSettings.from_profile(off, settings).bulk_seats_with_interactive is None
