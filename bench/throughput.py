@@ -77,7 +77,7 @@ def start_profile(pid, path):
     binary = Path(sys.executable).with_name("py-spy")
     if not binary.exists():
         return None
-    return subprocess.Popen([str(binary), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+    return subprocess.Popen([str(binary), "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
                              "--nonblocking", "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -119,6 +119,7 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
         processes = {"web": psutil.Process(serve.pid), "worker": psutil.Process(worker.pid),
                      "redis": psutil.Process(redis.process.pid)}
         cpu_before = {name: cpu_seconds(process) for name, process in processes.items()}
+        client_cpu_before = cpu_seconds(psutil.Process())
         profilers = {} if profile is None else {
             role: start_profile(processes[role].pid, profile / f"{name}-{role}.txt") for role in ("web", "worker")}
         body = lambda p: {"model": model, "prompt": p, "params": {"max_tokens": max_tokens, "temperature": 0}}  # noqa: E731
@@ -130,6 +131,7 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
         # cores, thousands of polls would steal the CPU the engine needs.
         wait_until(lambda: count_finished(sessions, ids) == len(ids), 1800, "every job to finish", 0.2)
         cpu = {name: cpu_seconds(process) - cpu_before[name] for name, process in processes.items()}
+        client_cpu = cpu_seconds(psutil.Process()) - client_cpu_before
         for profiler in profilers.values():
             if profiler is not None:
                 stop_process(profiler, signal.SIGINT)
@@ -139,8 +141,15 @@ def run_through_service(env, settings, command, prompts, max_tokens, tmp, name, 
         stop_process(serve)
     assert all(job["status"] == "succeeded" for job in finished), [j["error"] for j in finished if j["error"]][:3]
     last = max(datetime.fromisoformat(job["finished_at"]) for job in finished)
+    at = lambda job, name: datetime.fromisoformat(job[name])  # noqa: E731
+    waited = sorted((at(j, "started_at") - at(j, "created_at")).total_seconds() for j in finished)
+    ran = sorted((at(j, "finished_at") - at(j, "started_at")).total_seconds() for j in finished)
+    print(f"   queue wait p50 {waited[len(waited) // 2]:.2f} s, max {waited[-1]:.2f} s; "
+          f"run p50 {ran[len(ran) // 2]:.2f} s, max {ran[-1]:.2f} s; "
+          f"last start {max(at(j, 'started_at') for j in finished) - started}", flush=True)
     return {"elapsed_s": (last - started).total_seconds(), "submit_s": (submitted - started).total_seconds(),
             "completion_tokens": sum(j["usage"]["completion_tokens"] for j in finished), "cpu_s": cpu,
+            "client_cpu_s": client_cpu,
             "profile": {role: summarise_profile(profile / f"{name}-{role}.txt", PROFILE_BUCKETS[role])
                         for role, profiler in profilers.items() if profiler is not None}}
 
@@ -230,6 +239,7 @@ def main():
         # CPU of web + worker + Redis while the jobs ran, less the offline run's (the engine's own).
         "service_cpu_s": {name: round(value, 2) for name, value in service["cpu_s"].items()},
         "offline_cpu_s": round(offline["cpu_s"], 2),
+        "client_cpu_s": round(service["client_cpu_s"], 2),  # the benchmark's own HTTP clients
         "profile_percent": service["profile"],
         "orchestration_cpu_ms_per_job": round(
             1000 * (sum(service["cpu_s"].values()) - offline["cpu_s"]) / args.prompts, 2),

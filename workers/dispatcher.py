@@ -91,28 +91,34 @@ class Dispatcher:
     # --- sending ---------------------------------------------------------------
 
     def send_due(self):
-        """Send every unsent, due job, chunk and webhook event, a page at a time."""
+        """Send every unsent, due job, chunk and webhook event, a page of each at a time.
+
+        One transaction marks a page of each kind sent; what the broker then
+        refuses is marked unsent again, and the round ends (BrokerDownError).
+        """
         page, now = self.settings.dispatcher.page, utcnow()
         while True:
             with transaction(self.sessions) as session:
-                jobs = dispatch.claim_due_jobs(session, now, page)
-            self._send("job", jobs, send_jobs(self.app, [tuple(job) for job in jobs]), dispatch.release_jobs)
-            with transaction(self.sessions) as session:
-                chunks = dispatch.claim_due_chunks(session, now, page)
-            self._send("chunk", chunks, send_chunks(self.app, [tuple(chunk) for chunk in chunks]),
-                       lambda session, unsent: dispatch.release_chunks(session, [(b, c) for b, c, _ in unsent]))
-            with transaction(self.sessions) as session:
-                events = webhooks.claim_due(session, limit=page, now=now)
-            self._send("webhook", events, send_webhook_events(self.app, events), webhooks.release)
-            if max(len(jobs), len(chunks), len(events)) < page:
+                claimed = {
+                    "job": [tuple(job) for job in dispatch.claim_due_jobs(session, now, page)],
+                    "chunk": [tuple(chunk) for chunk in dispatch.claim_due_chunks(session, now, page)],
+                    "webhook": webhooks.claim_due(session, limit=page, now=now),
+                }
+            unsent = {
+                "job": send_jobs(self.app, claimed["job"]),
+                "chunk": send_chunks(self.app, claimed["chunk"]),
+                "webhook": send_webhook_events(self.app, claimed["webhook"]),
+            }
+            for kind, items in claimed.items():
+                metrics.DISPATCHED.labels(kind).inc(len(items) - len(unsent[kind]))
+            if any(unsent.values()):
+                with transaction(self.sessions) as session:
+                    dispatch.release_jobs(session, unsent["job"])
+                    dispatch.release_chunks(session, [(batch_id, chunk) for batch_id, chunk, _ in unsent["chunk"]])
+                    webhooks.release(session, unsent["webhook"])
+                raise BrokerDownError(f"the broker refused {sum(map(len, unsent.values()))} messages")
+            if max(map(len, claimed.values())) < page:
                 return
-
-    def _send(self, kind, claimed, unsent, release):
-        metrics.DISPATCHED.labels(kind).inc(len(claimed) - len(unsent))
-        if unsent:
-            with transaction(self.sessions) as session:
-                release(session, unsent)
-            raise BrokerDownError(f"the broker refused {len(unsent)} {kind} messages")
 
     # --- checks ----------------------------------------------------------------
 
