@@ -7,9 +7,8 @@ arrives while others are generating joins the running batch at the next step
 instead of waiting for the whole batch to finish.
 
 Two lanes share the engine. Interactive requests enter it at the next step,
-always. Bulk rows (batch chunks) wait in the loop and enter only while the
-engine runs fewer than ``max_num_seqs - reserve`` requests, so the batch
-always has seats for interactive work however deep the bulk backlog is.
+always. Bulk rows (batch chunks) wait in the loop and enter while the engine
+runs fewer than ``max_num_seqs - reserve`` requests.
 
 A full batch makes every step slow (on a CPU, step time grows with the
 batch), and an interactive request shares those steps. So while interactive
@@ -50,7 +49,8 @@ class EngineLoop:
             others without losing them; ``None`` lifts the bound).
         idle_wait: seconds the thread blocks for new work when it has none.
         reserve: seats of the batch that bulk rows leave to interactive
-            requests (default: a sixteenth of ``max_num_seqs``).
+            requests (default: none with a ``bulk_seats_with_interactive``
+            bound, else a sixteenth of ``max_num_seqs``).
         bulk_seats_with_interactive: bulk rows that run in each step while
             interactive requests are in the engine; ``None``: no bound.
             Default: the engine's ``bulk_seats_with_interactive`` attribute
@@ -60,10 +60,13 @@ class EngineLoop:
     def __init__(self, engine, idle_wait=0.05, reserve=None, bulk_seats_with_interactive=FROM_ENGINE):
         self._engine = engine
         self._idle_wait = idle_wait
-        reserve = max(1, engine.max_num_seqs // 16) if reserve is None else reserve
-        self._bulk_seats = max(1, engine.max_num_seqs - reserve)
         if bulk_seats_with_interactive is FROM_ENGINE:
             bulk_seats_with_interactive = getattr(engine, "bulk_seats_with_interactive", None)
+        if reserve is None:
+            # With the bound, an interactive request makes room for itself
+            # (the engine holds bulk rows): no seat need stay empty for it.
+            reserve = 0 if bulk_seats_with_interactive is not None else max(1, engine.max_num_seqs // 16)
+        self._bulk_seats = max(1, engine.max_num_seqs - reserve)
         self._bulk_with_interactive = bulk_seats_with_interactive
         self._bulk_limit = None  # the bound the engine was last given
         self._inbox = queue.SimpleQueue()

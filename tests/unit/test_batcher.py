@@ -213,11 +213,26 @@ def bounded():
     engine = ScriptedEngine()
     engine.bulk_seats_with_interactive = 4
     engine.gated = True
-    loop = EngineLoop(engine, idle_wait=0.01).start()
+    # A reserve of 4, as without the bound, so the figures read as in the tests above.
+    loop = EngineLoop(engine, idle_wait=0.01, reserve=4).start()
     yield engine, loop
     engine.gated = False
     engine.step_gate.release()
     loop.stop()
+
+
+def test_with_the_bound_bulk_rows_take_every_seat():
+    """With a bound no seat is kept empty for interactive work: one that
+    arrives makes room for itself, since the engine then holds bulk rows."""
+    engine = ScriptedEngine()
+    engine.bulk_seats_with_interactive = 4
+    loop = EngineLoop(engine, idle_wait=0.01).start()
+    try:
+        futures = [loop.submit(request(f"b{i:03}", steps=1, lane="bulk")) for i in range(130)]
+        done, _ = wait(futures, timeout=10)
+        assert len(done) == 130 and max(len(batch) for batch in engine.batches) == engine.max_num_seqs
+    finally:
+        loop.stop()
 
 
 def bulk_in(batch):
