@@ -221,16 +221,17 @@ def bounded():
     loop.stop()
 
 
-def test_with_the_bound_bulk_rows_take_every_seat():
-    """With a bound no seat is kept empty for interactive work: one that
-    arrives makes room for itself, since the engine then holds bulk rows."""
+def test_with_the_bound_bulk_rows_leave_only_a_sixty_fourth_of_the_seats():
+    """With a bound an interactive request makes room for itself (the engine
+    then holds bulk rows), so bulk rows leave a sixty-fourth of the seats
+    free instead of a sixteenth."""
     engine = ScriptedEngine()
     engine.bulk_seats_with_interactive = 4
     loop = EngineLoop(engine, idle_wait=0.01).start()
     try:
         futures = [loop.submit(request(f"b{i:03}", steps=1, lane="bulk")) for i in range(130)]
         done, _ = wait(futures, timeout=10)
-        assert len(done) == 130 and max(len(batch) for batch in engine.batches) == engine.max_num_seqs
+        assert len(done) == 130 and max(len(batch) for batch in engine.batches) == engine.max_num_seqs - 1
     finally:
         loop.stop()
 
