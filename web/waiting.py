@@ -17,7 +17,7 @@ import time
 from flask import current_app, request
 from sqlalchemy import select
 
-from queue_engine.batches import BatchState
+from queue_engine import batches
 from queue_engine.errors import InvalidRequestError
 from queue_engine.jobs import FINISHED
 from queue_engine.models import Batch, Job
@@ -26,8 +26,8 @@ from .db import close_session, get_session
 
 log = logging.getLogger(__name__)
 
-#: Batch states that no longer change.
-BATCH_ENDED = frozenset({BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED})
+#: Batch states that no longer change: those its state table leads nowhere from.
+BATCH_ENDED = frozenset(state for state, moves in batches.ALLOWED.items() if not moves)
 #: Ids per ``IN (...)`` query, under every database's parameter limit.
 IDS_PER_QUERY = 500
 #: What each kind's look selects: its table's id, and the states that end it.
