@@ -1,4 +1,4 @@
-"""The SQLAlchemy models: API keys, batches, jobs (tribunal steps are jobs too)
+"""The SQLAlchemy models: API keys, uploaded files, batches, jobs (tribunal steps are jobs too)
 and the webhook events they cause, with every delivery attempt; the SLURM
 worker jobs the autoscaler runs, and its standing per model.
 
@@ -9,7 +9,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -76,6 +76,7 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_owner_id_id", "owner_id", "id"),
         Index("ix_batches_model_status", "model", "status"),
+        Index("ix_batches_expires_at", "status", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -93,9 +94,40 @@ class Batch(Base):
     cancelled: Mapped[int] = mapped_column(Integer, default=0)
     chunks: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list | None] = mapped_column(JSON)
+    meta: Mapped[dict | None] = mapped_column("metadata", JSON)
+    endpoint: Mapped[str | None] = mapped_column(String(40), doc="a /v1 batch's endpoint, e.g. /v1/chat/completions")
+    input_file_id: Mapped[str | None] = mapped_column(String(40), doc="a /v1 batch's input file")
+    completion_window: Mapped[str | None] = mapped_column(String(20))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="rows not ended by then are cancelled")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class File(Base):
+    """A file uploaded through the OpenAI-compatible ``/v1/files``.
+
+    The row holds what OpenAI's file object shows. An uploaded file's bytes
+    are on disk under ``Settings.files_dir``, named by the id (``content`` is
+    ``disk``); a batch's output and error files (``content`` ``output`` or
+    ``error``) are written from its rows whenever they are read.
+    """
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_id_id", "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    purpose: Mapped[str] = mapped_column(String(40))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_files_batch_id_batches"))
+    content: Mapped[str] = mapped_column(String(10), default="disk", server_default="disk")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 #: A queued job that is carried by a message of its own (not a batch row, not
@@ -140,6 +172,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     result_text: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[dict | None] = mapped_column(
+        JSON, doc="what the answer holds besides its text: more samples (n), log probabilities")
     finish_reason: Mapped[str | None] = mapped_column(String(20))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)

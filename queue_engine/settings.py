@@ -143,6 +143,12 @@ class BatchSettings(_Frozen):
     chunk_rows: int = Field(64, ge=1, le=4096, description="rows per bulk-lane message")
 
 
+class FileSettings(_Frozen):
+    """Limits on files uploaded through the OpenAI-compatible ``/v1/files``."""
+
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="largest file accepted (OpenAI's limit: 200 MB)")
+
+
 class AutoscalerSettings(_Frozen):
     """How ``queue-engine autoscale`` decides (see ``queue_engine/scaling.py``)."""
 
@@ -225,6 +231,7 @@ class Settings(_Frozen):
         64, ge=1, le=10000,
         description="request threads per web process; a long-poll holds one while it waits")
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
@@ -276,6 +283,11 @@ class Settings(_Frozen):
     def models_dir(self):
         return self.data_dir / "models"
 
+    @property
+    def files_dir(self):
+        """Where ``/v1/files`` uploads are kept, one file per id."""
+        return self.data_dir / "files"
+
     def profile(self, name):
         """The model profile called ``name``.
 
@@ -293,7 +305,7 @@ class Settings(_Frozen):
 #: Environment variables holding lists, as comma-separated text.
 _LIST_FIELDS = {"webhook_allow", "webhook_retry_delays", "faults"}
 #: Top-level fields that cannot be set from the environment (tables).
-_TABLE_FIELDS = {"batches", "tribunal", "autoscaler", "dispatcher", "models"}
+_TABLE_FIELDS = {"batches", "files", "tribunal", "autoscaler", "dispatcher", "models"}
 
 
 def load_settings(environ=None, **overrides):

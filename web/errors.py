@@ -1,4 +1,6 @@
-"""Every error becomes ``{error: {code, message}}`` with the right HTTP status.
+"""Every error becomes ``{error: {code, message}}`` with the right HTTP status;
+under ``/v1``, OpenAI's ``{error: {message, type, param, code}}``, so the
+official ``openai`` client raises its matching exception class.
 
 Views never catch domain errors; this module maps them. A database that
 cannot be reached is a 503, never a 500. (A broker that cannot be reached is
@@ -12,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sql_errors
 from werkzeug.exceptions import HTTPException
 
-from queue_engine import errors, webhooks
+from queue_engine import errors, files, webhooks
 from queue_engine.inputs import format_location
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ DATABASE_DOWN = (sql_errors.OperationalError, sql_errors.InterfaceError, sql_err
 
 #: The first matching class wins, so subclasses come before their bases.
 STATUS_FOR = {
+    files.FileTooLargeError: 413,
     errors.InvalidRequestError: 400,
     errors.AuthenticationError: 401,
     errors.NotFoundError: 404,
@@ -33,11 +36,26 @@ STATUS_FOR = {
 }
 
 
+#: Where the OpenAI-compatible API lives; its errors take OpenAI's shape.
+OPENAI_PREFIX = "/v1/"
+#: The upload endpoints and the setting that limits each one's body.
+BODY_LIMIT_SETTINGS = {"batches.create_batch": "batches.max_bytes", "v1_files.create_file": "files.max_bytes"}
+
+
 def error_response(status, code, message, param=None):
+    if request.path.startswith(OPENAI_PREFIX):
+        return jsonify(error=openai_error(status, code, message, param)), status
     body = {"code": code, "message": message}
     if param:
         body["param"] = param
     return jsonify(error=body), status
+
+
+def openai_error(status, code, message, param=None):
+    """OpenAI's error object. Its clients choose the exception class by the
+    HTTP status; ``type`` is OpenAI's coarse kind, ``code`` our precise one."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"message": message, "type": kind, "param": param, "code": code}
 
 
 def describe_validation_error(error):
@@ -78,7 +96,7 @@ def handle_http_error(error):
         allowed = ", ".join(sorted(error.valid_methods or ()))
         message = f"{request.method} is not allowed on {request.path!r}; use {allowed}"
     elif error.code == 413:
-        setting = "batches.max_bytes" if request.endpoint == "batches.create_batch" else "max_body_bytes"
+        setting = BODY_LIMIT_SETTINGS.get(request.endpoint, "max_body_bytes")
         message = f"the request body is larger than this server accepts ({request.max_content_length} bytes, {setting})"
     body, status = error_response(error.code, code, message)
     return body, status, headers

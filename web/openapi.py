@@ -4,7 +4,7 @@ requests and shape responses (``queue_engine.schemas``)."""
 from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
-from queue_engine import __version__, inputs, schemas
+from queue_engine import __version__, files, inputs, schemas
 
 bp = Blueprint("openapi", __name__)
 
@@ -87,13 +87,100 @@ def redeliver_path(parameter, noun):
     }}
 
 
+#: OpenAI's shapes under ``/v1``, written out: they are OpenAI's, not ours to derive.
+V1_SCHEMAS = {
+    "V1File": {
+        "type": "object",
+        "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^file-"}, "object": {"const": "file"},
+            "bytes": {"type": "integer", "minimum": 0},
+            "created_at": {"type": "integer", "description": "unix seconds"},
+            "filename": {"type": "string"}, "purpose": {"type": "string", "enum": list(files.PURPOSES)},
+            "status": {"type": "string", "enum": ["processed"]},
+            "expires_at": {"type": ["integer", "null"]}, "status_details": {"type": ["string", "null"]},
+        },
+    },
+    "V1FileList": {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": _ref("V1File")},
+            "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+    },
+    "V1FileDeleted": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "file"}, "deleted": {"const": True}},
+    },
+    "V1Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+        }},
+    },
+}
+FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _v1_errors(*statuses):
+    """As :func:`_errors`, in OpenAI's error shape."""
+    return {status: {**answer, "content": {"application/json": {"schema": _ref("V1Error")}}}
+            for status, answer in _errors(*statuses).items()}
+
+
+def v1_file_paths():
+    return {
+        "/v1/files": {
+            "post": {
+                "summary": "Upload a file (OpenAI's Files API; purpose batch)",
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["file", "purpose"],
+                    "properties": {"file": {"type": "string", "format": "binary"},
+                                   "purpose": {"type": "string", "enum": list(files.PURPOSES)}}}}}},
+                "responses": {"200": _json("V1File", "the file, stored"), **_v1_errors(400, 401, 413)},
+            },
+            "get": {
+                "summary": "List your files (OpenAI's paging: after, limit, order)",
+                "parameters": [
+                    {"name": "after", "in": "query", "schema": {"type": "string"},
+                     "description": "the last id of the previous page"},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": files.MAX_LIST_LIMIT}},
+                    {"name": "order", "in": "query", "schema": {"type": "string", "enum": list(files.ORDERS)}},
+                    {"name": "purpose", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json("V1FileList", "a page of files"), **_v1_errors(400, 401)},
+            },
+        },
+        "/v1/files/{file_id}": {
+            "get": {"summary": "Read a file object", "parameters": [FILE_ID],
+                    "responses": {"200": _json("V1File", "the file"), **_v1_errors(401, 404)}},
+            "delete": {"summary": "Delete a file and its content", "parameters": [FILE_ID],
+                       "responses": {"200": _json("V1FileDeleted", "the file is gone"), **_v1_errors(401, 404)}},
+        },
+        "/v1/files/{file_id}/content": {
+            "get": {"summary": "The file's bytes as uploaded, streamed", "parameters": [FILE_ID],
+                    "responses": {"200": {"description": "the content",
+                                          "content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+                                  **_v1_errors(401, 404)}},
+        },
+    }
+
+
 def build_openapi():
     _, definitions = models_json_schema(COMPONENTS, ref_template="#/components/schemas/{model}")
     return {
         "openapi": "3.1.0",
         "info": {"title": "queue-engine", "version": __version__, "description": INPUT_RULES},
         "components": {
-            "schemas": definitions["$defs"],
+            "schemas": {**definitions["$defs"], **V1_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
@@ -184,6 +271,7 @@ def build_openapi():
                     "responses": {"200": _json("ModelList", "every configured model profile"), **_errors(401, 503)},
                 },
             },
+            **v1_file_paths(),
             "/metrics": {
                 "get": {
                     "security": [],
