@@ -15,6 +15,25 @@ def usage(job):
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _completion_logprobs(tokens):
+    """A ``text_completion`` choice's logprobs (the legacy shape) from OpenAI's per-token list."""
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token["token"])
+    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{p["token"]: p["logprob"] for p in t["top_logprobs"]} for t in tokens],
+            "text_offset": offsets}
+
+
+def choices(job):
+    """``(text, finish_reason, per-token logprobs or None)`` of each choice: ``job.output``'s when
+    the job asked for more than one answer or for logprobs, else its one answer."""
+    if job.output and job.output.get("choices"):
+        return [(c["text"], c["finish_reason"], c.get("logprobs")) for c in job.output["choices"]]
+    return [(job.result_text, job.finish_reason, None)]
+
+
 def response_body(endpoint, job):
     """The body OpenAI's ``endpoint`` answers with, for a job that succeeded.
 
@@ -24,10 +43,13 @@ def response_body(endpoint, job):
     """
     created = int(job.created_at.timestamp())
     if endpoint == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": job.result_text},
-                  "logprobs": None, "finish_reason": job.finish_reason}
+        answers = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": None if tokens is None else {"content": tokens}, "finish_reason": finish}
+                   for i, (text, finish, tokens) in enumerate(choices(job))]
         return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": created, "model": job.model,
-                "choices": [choice], "usage": usage(job)}
-    choice = {"index": 0, "text": job.result_text, "logprobs": None, "finish_reason": job.finish_reason}
+                "choices": answers, "usage": usage(job)}
+    answers = [{"index": i, "text": text, "logprobs": None if tokens is None else _completion_logprobs(tokens),
+                "finish_reason": finish}
+               for i, (text, finish, tokens) in enumerate(choices(job))]
     return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": job.model,
-            "choices": [choice], "usage": usage(job)}
+            "choices": answers, "usage": usage(job)}

@@ -161,12 +161,13 @@ def remove_content(settings, file_id):
     content_path(settings, file_id).unlink(missing_ok=True)
 
 
-def file_to_dict(file):
-    """OpenAI's file object."""
+def file_to_dict(file, size=None):
+    """OpenAI's file object; ``size`` where ``file.bytes`` is not yet known
+    (a batch's output or error file)."""
     return {
         "id": file.id,
         "object": "file",
-        "bytes": file.bytes,
+        "bytes": file.bytes if size is None else size,
         "created_at": int(file.created_at.timestamp()),
         "filename": file.filename,
         "purpose": file.purpose,
@@ -176,11 +177,11 @@ def file_to_dict(file):
     }
 
 
-def file_list_to_dict(page, has_more):
+def file_list_to_dict(page, has_more, size=lambda file: file.bytes):
     """OpenAI's list object for a page of files."""
     return {
         "object": "list",
-        "data": [file_to_dict(file) for file in page],
+        "data": [file_to_dict(file, size(file)) for file in page],
         "first_id": page[0].id if page else None,
         "last_id": page[-1].id if page else None,
         "has_more": has_more,

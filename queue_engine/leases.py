@@ -26,7 +26,7 @@ import secrets
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import JSON, bindparam, select, update
 
 from . import batches, jobs, tribunal
 from .dispatch import take_chunk
@@ -227,11 +227,13 @@ def _store_generations(session, outcomes):
     statement = transition_statement(JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id")], {
         "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
         "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
-        "error_code": None, "error_message": None,
+        "output": bindparam("b_output", type_=JSON(none_as_null=True)), "error_code": None, "error_message": None,
     }).execution_options(dml_strategy="core_only")
     session.execute(statement, [
         {"b_id": o.item.id, "b_text": o.generation.text, "b_finish": o.generation.finish_reason,
-         "b_prompt": o.generation.prompt_tokens, "b_completion": o.generation.completion_tokens}
+         "b_prompt": o.generation.prompt_tokens, "b_completion": o.generation.completion_tokens,
+         # n > 1 choices and logprobs, only when the job asked (Generation.output); None otherwise.
+         "b_output": getattr(o.generation, "output", None)}
         for o in outcomes
     ])
 

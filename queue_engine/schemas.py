@@ -13,7 +13,9 @@ from datetime import datetime
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer, model_validator,
+)
 
 from .inputs import check_not_blank, check_text
 
@@ -51,16 +53,94 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: Most samples one request may ask for (``n``).
+MAX_N = 16
+#: Most alternatives per token ``top_logprobs`` (and a completion's ``logprobs``) may ask for, as OpenAI.
+MAX_TOP_LOGPROBS = 20
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, serialize_by_alias=True)
+
+    name: text_type(min_length=1, max_length=64) = Field(description="the schema's name")
+    schema_: dict = Field(default_factory=dict, alias="schema", description="a JSON Schema the answer must follow")
+    description: text_type(max_length=4096) | None = None
+    strict: bool | None = Field(None, description="accepted; the answer always follows the schema")
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give json_schema exactly when type is 'json_schema'")
+        return self
+
+
+#: Parameters added for OpenAI's names, and the value that means "not asked":
+#: a job stores them only when asked, so bulk rows' params stay as small as before.
+OPTIONAL_PARAMS = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None,
+                   "top_logprobs": None, "response_format": None}
+
+
+def _one_or_more(value):
+    return [value] if isinstance(value, str) else value
+
+
 class Params(_Strict):
-    """Sampling parameters. Unknown keys are refused."""
+    """Sampling parameters, by OpenAI's names. Unknown keys are refused."""
 
     max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_CEILING,
                             description="tokens to generate, at most the model's context length")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_CEILING, exclude=True, description="OpenAI's newer name for max_tokens")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    stop: list[text_type(min_length=1)] | None = Field(
-        None, max_length=16, description="strings that end generation")
+    stop: Annotated[list[text_type(min_length=1)] | None, BeforeValidator(_one_or_more)] = Field(
+        None, max_length=16, description="strings that end generation (OpenAI's single string is one of them)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
+    n: int = Field(1, ge=1, le=MAX_N, description="answers to sample for the prompt")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logprobs: bool | int | None = Field(
+        None, description="chat: true for each token's log probability (top_logprobs: how many alternatives); "
+                          "completions: the number of alternatives per token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="alternatives per token, with logprobs: true")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema: the answer is constrained to JSON (vLLM's "
+                          "structured outputs)")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_in_range(cls, logprobs):
+        if type(logprobs) is int and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"must be true, false or a number of alternatives from 0 to {MAX_TOP_LOGPROBS}")
+        return logprobs
+
+    @model_validator(mode="after")
+    def _openai_aliases(self):
+        if self.max_completion_tokens is not None:
+            if "max_tokens" in self.model_fields_set and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("give max_tokens or max_completion_tokens, not both")
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_was_asked(self, handler):
+        data = handler(self)
+        for name, unasked in OPTIONAL_PARAMS.items():
+            if name in data and data[name] == unasked:
+                del data[name]
+        if data.get("response_format") == {"type": "text", "json_schema": None}:
+            del data["response_format"]
+        return data
 
 
 MESSAGE_ROLES = ("system", "user", "assistant")
@@ -196,7 +276,7 @@ class JobList(BaseModel):
     next_cursor: str | None
 
 
-BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"]
+BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled", "expired"]
 
 
 class BatchCreate(_Strict):
@@ -242,7 +322,7 @@ class BatchList(BaseModel):
     next_cursor: str | None
 
 
-EventType = Literal["job.completed", "job.failed", "batch.completed", "batch.failed", "batch.cancelled"]
+EventType = Literal["job.completed", "job.failed", "batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]
 
 
 class WebhookAttempt(BaseModel):

@@ -141,6 +141,8 @@ class BatchSettings(_Frozen):
     max_rows: int = Field(1_000_000, ge=1, description="most rows in one file")
     max_prompt_chars: int = Field(100_000, ge=1, description="a longer prompt fails its row")
     chunk_rows: int = Field(64, ge=1, le=4096, description="rows per bulk-lane message")
+    completion_windows: tuple[str, ...] = Field(
+        ("24h",), description="the completion_window values /v1 batches accept: durations such as 2s, 1h, 24h, 7d")
 
 
 class FileSettings(_Frozen):

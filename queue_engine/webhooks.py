@@ -54,7 +54,8 @@ ALLOWED = {
 
 
 JOB_EVENTS = {"succeeded": "job.completed", "failed": "job.failed"}
-BATCH_EVENTS = {"completed": "batch.completed", "failed": "batch.failed", "cancelled": "batch.cancelled"}
+BATCH_EVENTS = {"completed": "batch.completed", "failed": "batch.failed", "cancelled": "batch.cancelled",
+                "expired": "batch.expired"}
 
 #: Seconds a receiver gets to answer.
 TIMEOUT = 10.0

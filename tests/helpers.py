@@ -1,6 +1,7 @@
 """Small tools the tests share: free ports, waiting on conditions, servers."""
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,10 +18,22 @@ from queue_engine.db import transaction
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Ports the tests give their servers: below Linux's ephemeral range (32768-60999), so a
+#: port handed out here is not also handed to a socket bound to port 0 (vLLM binds some
+#: while serve starts, between our choosing a port and its binding it).
+TEST_PORTS = range(20000, 32000)
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no socket on 127.0.0.1 holds now, outside the ephemeral range."""
+    while True:
+        port = random.choice(TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_until(predicate, timeout, message, interval=0.05):

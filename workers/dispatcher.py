@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 
-from queue_engine import dispatch, keys, recovery, webhooks
+from queue_engine import dispatch, keys, openai_batches, recovery, webhooks
 from queue_engine.broker import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 from queue_engine.db import is_unreachable, transaction
 from queue_engine.models import utcnow
@@ -82,6 +82,7 @@ class Dispatcher:
         if checking:
             self._next_check = time.monotonic() + self.settings.dispatcher.check_interval
             self.recover_abandoned()  # needs only the database
+            self.expire_batches()
         client = self._broker_client()
         if checking:
             self.check_broker_marker(client)
@@ -157,6 +158,13 @@ class Dispatcher:
             log.warning("%d running jobs and rows had an expired lease (their worker died): %d requeued, "
                         "%d failed after their last attempt", found.requeued + found.failed, found.requeued,
                         found.failed)
+
+    def expire_batches(self):
+        """End the /v1 batches past their ``expires_at`` (``openai_batches.expire_batches``)."""
+        with transaction(self.sessions) as session:
+            expired = openai_batches.expire_batches(session, utcnow())
+        if expired:
+            log.info("%d batches expired: %s", len(expired), ", ".join(expired))
 
     def find_lost_messages(self):
         """Mark unsent what the broker has been missing for two checks in a row."""

@@ -53,6 +53,63 @@ class Generation:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    #: Only when asked (n > 1 or logprobs): every choice with its logprobs, for ``Job.output``
+    #: (see :func:`queue_engine.completions.response_body`); bulk rows stay without it.
+    output: dict | None = None
+
+
+#: Params whose OpenAI meaning differs from vLLM's keyword of the same name; the rest pass through as they are.
+TRANSLATED_PARAMS = {"logprobs", "top_logprobs", "response_format"}
+
+
+def sampling_args(params):
+    """vLLM ``SamplingParams`` keyword arguments from a job's params (OpenAI's names,
+    :class:`queue_engine.schemas.Params` dumped; keys it leaves out take vLLM's defaults)."""
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    args = {name: value for name, value in params.items() if name not in TRANSLATED_PARAMS}
+    logprobs = params.get("logprobs")
+    if logprobs is True:
+        args["logprobs"] = params.get("top_logprobs") or 0
+    elif logprobs is not None and logprobs is not False:
+        args["logprobs"] = logprobs
+    response_format = params.get("response_format") or {"type": "text"}
+    # Compact JSON comes from the engine's structured_outputs_config (VllmEngine); vLLM 0.32's
+    # xgrammar backend ignores the per-request disable_any_whitespace.
+    if response_format["type"] == "json_object":
+        args["structured_outputs"] = StructuredOutputsParams(json_object=True)
+    elif response_format["type"] == "json_schema":
+        args["structured_outputs"] = StructuredOutputsParams(json=response_format["json_schema"]["schema"])
+    # One RequestOutput when the request ends, not one per running request per step.
+    args["output_kind"] = RequestOutputKind.FINAL_ONLY
+    return args
+
+
+def _token_logprobs(completion, tokenizer, top):
+    """OpenAI's per-token logprobs (chat's ``content`` list) of one vLLM completion."""
+    tokens = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or ()):
+        ranked = sorted(position.items(), key=lambda item: item[1].rank)
+        chosen = position[token_id]
+        tokens.append({
+            "token": chosen.decoded_token or tokenizer.decode([token_id]), "logprob": chosen.logprob,
+            "top_logprobs": [{"token": p.decoded_token or tokenizer.decode([i]), "logprob": p.logprob}
+                             for i, p in ranked[:top]],
+        })
+    return tokens
+
+
+def extra_output(output, params, tokenizer):
+    """``Generation.output`` for a finished request: None unless ``n`` > 1 or logprobs were asked."""
+    asked = params.get("logprobs")
+    if params.get("n", 1) == 1 and asked in (None, False):
+        return None
+    top = params.get("top_logprobs") or 0 if asked is True else (asked or 0)
+    return {"choices": [
+        {"text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": _token_logprobs(c, tokenizer, top) if asked not in (None, False) else None}
+        for c in output.outputs
+    ]}
 
 
 @dataclass(frozen=True)
@@ -131,12 +188,16 @@ class VllmEngine:
             "enable_prefix_caching": True,
             # Interactive requests ahead of bulk rows (LANE_PRIORITY, limit_bulk).
             "scheduling_policy": "priority",
+            # JSON answers (response_format) without free whitespace: a model cannot spend its
+            # max_tokens on blanks before the object closes.
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
             **engine_settings.engine_args,
         }
         if "dtype" not in args and os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
             args["dtype"] = "float32"
         self._engine = LLMEngine.from_engine_args(EngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
+        self._params = {}  # request id -> its params, while it runs (for what its Generation carries)
         self.max_num_seqs = engine_settings.max_num_seqs
         self.max_model_len = self._engine.model_config.max_model_len
         self.bulk_seats_with_interactive = engine_settings.bulk_seats_with_interactive
@@ -160,10 +221,13 @@ class VllmEngine:
             prompt = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         else:
             prompt = request.prompt
+        self._params[request.request_id] = request.params
         try:
-            self._engine.add_request(request.request_id, prompt, self._sampling_params(**request.params),
+            sampling = self._sampling_params(**sampling_args(request.params))
+            self._engine.add_request(request.request_id, prompt, sampling,
                                      priority=LANE_PRIORITY[request.lane] if self._priorities else 0)
         except self._rejections as e:
+            self._params.pop(request.request_id, None)
             raise EngineRejectedError(str(e)) from e
 
     def step(self):
@@ -174,17 +238,20 @@ class VllmEngine:
         for output in self._engine.step():
             if output.finished:
                 completion = output.outputs[0]
+                params = self._params.pop(output.request_id, {})
                 generation = Generation(
                     text=completion.text,
                     finish_reason=completion.finish_reason,
                     prompt_tokens=len(output.prompt_token_ids or ()),
-                    completion_tokens=len(completion.token_ids),
+                    completion_tokens=sum(len(c.token_ids) for c in output.outputs),
+                    output=extra_output(output, params, self._tokenizer),
                 )
                 finished.append((output.request_id, generation))
         return finished
 
     def abort(self, request_id):
         self._engine.abort_request([request_id])
+        self._params.pop(request_id, None)
         self._held = [r for r in self._held if r.request_id != request_id]
 
     def limit_bulk(self, seats):

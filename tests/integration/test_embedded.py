@@ -19,11 +19,11 @@ from tests.receiver import Receiver
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory, tiny_model_dir):
-    directory = tmp_path_factory.mktemp("embedded")
+def start_embedded(directory, tiny_model_dir, config_toml=""):
+    """`queue-engine serve` in embedded mode with the tiny model (and
+    ``config_toml`` added to its configuration): ``(process, server)``."""
     config = directory / "queue-engine.toml"
-    config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n')
+    config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n' + config_toml)
     env = {"QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(directory / "data"),
            "QUEUE_ENGINE_WEBHOOK_ALLOW": "127.0.0.0/8"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")}, **env}
@@ -34,7 +34,13 @@ def embedded(tmp_path_factory, tiny_model_dir):
     wait_until_serving(url, process, log_path, 240)
     key = (directory / "data" / "embedded-api-key").read_text().strip()
     secret = (directory / "data" / "embedded-webhook-secret").read_text().strip()
-    yield {"url": url, "key": key, "secret": secret, "env": env, "log": log_path}
+    return process, {"url": url, "key": key, "secret": secret, "env": env, "log": log_path}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_model_dir):
+    process, server = start_embedded(tmp_path_factory.mktemp("embedded"), tiny_model_dir)
+    yield server
     stop_process(process)
 
 

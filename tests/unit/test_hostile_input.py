@@ -108,7 +108,7 @@ def params_field(entry, field):
     pytest.param('{"max_tokens": 5.0}', "max_tokens", "valid integer", id="float for int"),
     pytest.param('{"temperature": "0.5"}', "temperature", "valid number", id="string for float"),
     pytest.param('{"seed": null, "top_p": false}', "top_p", "valid number", id="boolean for float"),
-    pytest.param('{"stop": "end"}', "stop", "valid list", id="string for list"),
+    pytest.param('{"stop": 5}', "stop", "valid list", id="number for list"),
     pytest.param('{"stop": [1]}', "stop.0", "valid string", id="number for string"),
     pytest.param('{"stop": ["\\u0000"]}', "stop.0", "NUL character", id="NUL stop string"),
     pytest.param('{"stop": ["a\\ud800"]}', "stop.0", "unpaired UTF-16 surrogate (\\ud800) at character 2",

@@ -41,10 +41,14 @@ def test_each_table_names_every_state_once(table):
 
 
 def test_batch_states_are_the_ones_that_happen():
-    """``validating`` and ``finalizing`` are never stored; ended batches never move."""
-    assert {state.value for state in BatchState} == {"in_progress", "completed", "failed", "cancelling", "cancelled"}
+    """``validating`` and ``finalizing`` are never stored; ended batches never move; only an
+    in-progress batch expires (the expiry sweep, not settle)."""
+    assert {state.value for state in BatchState} == {
+        "in_progress", "completed", "failed", "cancelling", "cancelled", "expired"}
     assert [state for state, targets in batches.ALLOWED.items() if not targets] == [
-        BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED]
+        BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED, BatchState.EXPIRED]
+    assert [state for state, targets in batches.ALLOWED.items() if BatchState.EXPIRED in targets] == [
+        BatchState.IN_PROGRESS]
 
 
 @pytest.mark.parametrize(("source", "target"), refused(batches.ALLOWED))

@@ -152,7 +152,7 @@ def test_an_empty_message_fails_only_its_row():
     ('{"custom_id": "a"}', "body", "body is missing"),
     ('{"custom_id": "a", "body": {}}', "body", "messages"),
     ('{"custom_id": "a", "url": "/v1/embeddings", "body": {"prompt": "x"}}', "url", "not supported"),
-    ('{"custom_id": "a", "body": {"prompt": "x", "logprobs": true}}', "body.logprobs", "not a supported parameter"),
+    ('{"custom_id": "a", "body": {"prompt": "x", "logit_bias": {}}}', "body.logit_bias", "not a supported parameter"),
     ('{"custom_id": "a", "body": {"prompt": "x", "temperature": 9}}', "body.temperature", "less than or equal to 2"),
     ('{"custom_id": "a", "body": {"prompt": "x", "max_tokens": 9999}}', "body.max_tokens", "limit of 512"),
     ('{"custom_id": "a", "body": {"prompt": "x", "model": "other"}}', "body.model", "one model"),
