@@ -47,10 +47,11 @@ def make_prompts(n):
     return [f"Question {i}: explain {subjects[i % len(subjects)]}." for i in range(n)]
 
 
-def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs):
+def offline_generate(model_dir, prompts_file, max_tokens, max_num_seqs, repeats=1):
     out = subprocess.run(
         [PYTHON, str(ROOT / "bench" / "offline_generate.py"), "--model-dir", str(model_dir), "--prompts",
-         str(prompts_file), "--max-tokens", str(max_tokens), "--max-num-seqs", str(max_num_seqs)],
+         str(prompts_file), "--max-tokens", str(max_tokens), "--max-num-seqs", str(max_num_seqs),
+         "--repeats", str(repeats)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -68,6 +68,25 @@ class BatchFinishedError(QueueEngineError):
     code = "batch_finished"
 
 
+class JobFailedError(QueueEngineError):
+    """A request waited on ended in failure (``code``: the job's error code)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class NoWorkerError(QueueEngineError):
+    """No worker started a request in time (``openai.queue_timeout_seconds``);
+    it was cancelled. ``retry_after``: seconds after which to try again."""
+
+    code = "no_worker_available"
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidFileError(InvalidRequestError):
     """An uploaded file cannot be read as a batch; nothing of it is kept.
 
@@ -81,7 +100,7 @@ class InvalidFileError(InvalidRequestError):
         if column is not None:
             where += f"{', ' if where else ''}column {column!r}"
         super().__init__(f"{where}: {message}" if where else message, param="file")
-        self.line, self.column = line, column
+        self.problem, self.line, self.column = message, line, column
 
 
 class IdempotencyConflictError(QueueEngineError):

@@ -122,7 +122,7 @@ def check_model(settings, model, params, field):
         raise InvalidRequestError(f"params.max_tokens: {params.max_tokens} is above model {model!r}'s limit of {limit}")
 
 
-def create_job(session, owner_id, request, settings, idempotency_key=None, kind="single"):
+def create_job(session, owner_id, request, settings, idempotency_key=None, kind="single", stream=False):
     """Store a new queued job for ``request`` (a validated ``JobCreate``).
 
     With an ``idempotency_key`` that this owner used before, returns the job
@@ -138,7 +138,7 @@ def create_job(session, owner_id, request, settings, idempotency_key=None, kind=
     check_model_request(settings, request)
     # Marked sent now; the caller sends after commit, or marks it unsent again (dispatch.release_jobs).
     job = job_from_request(owner_id, request, idempotency_key, kind=kind, model=request.model, lane=request.priority,
-                           dispatched_at=utcnow())
+                           dispatched_at=utcnow(), stream=stream)
     return add_once(session, job)
 
 

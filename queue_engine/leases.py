@@ -36,7 +36,7 @@ from .models import Batch, Job, utcnow
 
 #: What a worker needs of an item it claimed.
 CLAIMED_COLUMNS = (Job.id, Job.model, Job.lane, Job.prompt, Job.messages, Job.params, Job.attempts,
-                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url)
+                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url, Job.stream)
 
 
 class Item(NamedTuple):
@@ -54,6 +54,8 @@ class Item(NamedTuple):
     chunk: int | None = None
     parent_id: str | None = None
     webhook_url: str | None = None
+    #: Its reader wants the text as it is generated (``queue_engine.streams``).
+    stream: bool = False
 
     @property
     def request_id(self):

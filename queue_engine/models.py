@@ -9,7 +9,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -175,6 +175,9 @@ class Job(Base):
     output: Mapped[dict | None] = mapped_column(
         JSON, doc="what the answer holds besides its text: more samples (n), log probabilities")
     finish_reason: Mapped[str | None] = mapped_column(String(20))
+    stream: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(),
+        doc="its worker publishes the text as it is generated (a streamed /v1 request)")
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String(50))

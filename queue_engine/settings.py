@@ -151,6 +151,15 @@ class FileSettings(_Frozen):
     max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="largest file accepted (OpenAI's limit: 200 MB)")
 
 
+class OpenAISettings(_Frozen):
+    """The OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``."""
+
+    queue_timeout_seconds: float = Field(
+        600.0, gt=0, description="how long a request waits for a worker to start it (the autoscaler may be starting "
+                                 "one) before it is cancelled and answered 503")
+    retry_after_seconds: int = Field(30, ge=1, description="the Retry-After of that 503, seconds")
+
+
 class AutoscalerSettings(_Frozen):
     """How ``queue-engine autoscale`` decides (see ``queue_engine/scaling.py``)."""
 
@@ -234,6 +243,7 @@ class Settings(_Frozen):
         description="request threads per web process; a long-poll holds one while it waits")
     batches: BatchSettings = Field(default_factory=BatchSettings)
     files: FileSettings = Field(default_factory=FileSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
     tribunal: TribunalSettings = Field(default_factory=TribunalSettings)
     autoscaler: AutoscalerSettings = Field(default_factory=AutoscalerSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)

@@ -333,10 +333,10 @@ class JsonlReader(_Reader):
     def _messages(messages, line):
         if not isinstance(messages, list) or not messages:
             raise InvalidFileError("body.messages must be a non-empty list", line, "body.messages")
-        return [_message(message, line, f"body.messages.{number}") for number, message in enumerate(messages)]
+        return [chat_message(message, line, f"body.messages.{number}") for number, message in enumerate(messages)]
 
 
-def _message(message, line, field):
+def chat_message(message, line, field):
     """A chat message as ``{role, content}``; OpenAI's text content parts are joined into one text.
 
     Raises:

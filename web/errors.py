@@ -33,6 +33,8 @@ STATUS_FOR = {
     errors.BatchFinishedError: 409,
     errors.IdempotencyConflictError: 409,
     webhooks.NoWebhookEventError: 409,
+    errors.NoWorkerError: 503,
+    errors.JobFailedError: 500,
 }
 
 
@@ -76,7 +78,9 @@ def describe_validation_error(error):
 
 def handle_domain_error(error):
     status = next((s for cls, s in STATUS_FOR.items() if isinstance(error, cls)), 400)
-    return error_response(status, error.code, str(error), getattr(error, "param", None))
+    body, status = error_response(status, error.code, str(error), getattr(error, "param", None))
+    retry_after = getattr(error, "retry_after", None)
+    return body, status, {"Retry-After": str(retry_after)} if retry_after is not None else {}
 
 
 def handle_validation_error(error):

@@ -16,12 +16,14 @@ from . import metrics
 from .db import get_session
 
 
-def submit_job(request_body, idempotency_key=None, kind="single"):
-    """Create and enqueue a job for the current key; returns ``(job, created)``."""
+def submit_job(request_body, idempotency_key=None, kind="single", stream=False):
+    """Create and enqueue a job for the current key; returns ``(job, created)``.
+    A ``stream`` job's worker publishes its text as it is generated."""
     session = get_session()
     settings = current_app.extensions["qe_settings"]
     check_webhook_url(request_body, settings)
-    job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind)
+    job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind,
+                                   stream=stream)
     session.commit()
     if created:
         sender().send(jobs=[(job.id, job.model)])

@@ -54,7 +54,9 @@ def ensure_embedded_key(settings):
 def build_server(app, host="127.0.0.1", port=8000):
     """A waitress server for the Flask ``app``; call ``.run()`` on it to serve."""
     threads = app.extensions["qe_settings"].web_threads
-    return create_server(app, host=host, port=port, threads=threads)
+    # channel_request_lookahead: a client that goes away while its request runs is seen
+    # (waitress.client_disconnected), so a /v1 request it left can be cancelled.
+    return create_server(app, host=host, port=port, threads=threads, channel_request_lookahead=1)
 
 
 def gunicorn_command(settings, host, port, workers):

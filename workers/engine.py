@@ -45,6 +45,10 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list | None = None
     lane: str = "interactive"
+    #: For a streamed job: called from the engine loop after each step that produced
+    #: text, with ``[(choice index, new text, its tokens' logprobs or None)]``. It
+    #: must return at once (it hands the text to another thread).
+    on_delta: object = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,10 @@ class Generation:
 TRANSLATED_PARAMS = {"logprobs", "top_logprobs", "response_format"}
 
 
-def sampling_args(params):
+def sampling_args(params, streamed=False):
     """vLLM ``SamplingParams`` keyword arguments from a job's params (OpenAI's names,
-    :class:`queue_engine.schemas.Params` dumped; keys it leaves out take vLLM's defaults)."""
+    :class:`queue_engine.schemas.Params` dumped; keys it leaves out take vLLM's defaults).
+    A ``streamed`` request gets each step's new tokens, the others one output at the end."""
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     args = {name: value for name, value in params.items() if name not in TRANSLATED_PARAMS}
@@ -80,8 +85,8 @@ def sampling_args(params):
         args["structured_outputs"] = StructuredOutputsParams(json_object=True)
     elif response_format["type"] == "json_schema":
         args["structured_outputs"] = StructuredOutputsParams(json=response_format["json_schema"]["schema"])
-    # One RequestOutput when the request ends, not one per running request per step.
-    args["output_kind"] = RequestOutputKind.FINAL_ONLY
+    # Unless streamed: one RequestOutput when the request ends, not one per running request per step.
+    args["output_kind"] = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
     return args
 
 
@@ -99,15 +104,64 @@ def _token_logprobs(completion, tokenizer, top):
     return tokens
 
 
+def logprobs_asked(params):
+    """How many alternatives per token the request wants logprobs of; None: no logprobs."""
+    asked = params.get("logprobs")
+    if asked in (None, False):
+        return None
+    return (params.get("top_logprobs") or 0) if asked is True else asked
+
+
+class StreamedOutput:
+    """A streamed request's output, put together from its per-step deltas
+    (vLLM's DELTA outputs carry only what is new), shaped like the
+    ``RequestOutput`` of a request that was not streamed."""
+
+    def __init__(self, on_delta, params, tokenizer):
+        self.on_delta, self.params, self.tokenizer = on_delta, params, tokenizer
+        self.top = logprobs_asked(params)
+        self.prompt_token_ids = None
+        self.outputs = []  # one per choice, in index order
+
+    def add(self, output):
+        """Take one step's output; pass its new text on."""
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = output.prompt_token_ids
+        deltas = []
+        for delta in output.outputs:
+            while len(self.outputs) <= delta.index:
+                self.outputs.append(_Choice(len(self.outputs)))
+            choice = self.outputs[delta.index]
+            choice.texts.append(delta.text)
+            choice.token_ids.extend(delta.token_ids)
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+            logprobs = None
+            if self.top is not None and delta.logprobs:
+                choice.logprobs.extend(delta.logprobs)
+                logprobs = _token_logprobs(delta, self.tokenizer, self.top)
+            if delta.text or logprobs:
+                deltas.append((delta.index, delta.text, logprobs))
+        if deltas:
+            self.on_delta(deltas)
+
+
+class _Choice:
+    def __init__(self, index):
+        self.index, self.texts, self.token_ids, self.logprobs, self.finish_reason = index, [], [], [], None
+
+    @property
+    def text(self):
+        return "".join(self.texts)
+
+
 def extra_output(output, params, tokenizer):
     """``Generation.output`` for a finished request: None unless ``n`` > 1 or logprobs were asked."""
-    asked = params.get("logprobs")
-    if params.get("n", 1) == 1 and asked in (None, False):
+    top = logprobs_asked(params)
+    if params.get("n", 1) == 1 and top is None:
         return None
-    top = params.get("top_logprobs") or 0 if asked is True else (asked or 0)
     return {"choices": [
         {"text": c.text, "finish_reason": c.finish_reason,
-         "logprobs": _token_logprobs(c, tokenizer, top) if asked not in (None, False) else None}
+         "logprobs": _token_logprobs(c, tokenizer, top) if top is not None else None}
         for c in output.outputs
     ]}
 
@@ -198,6 +252,7 @@ class VllmEngine:
         self._engine = LLMEngine.from_engine_args(EngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
         self._params = {}  # request id -> its params, while it runs (for what its Generation carries)
+        self._streamed = {}  # request id -> its StreamedOutput, for streamed requests
         self.max_num_seqs = engine_settings.max_num_seqs
         self.max_model_len = self._engine.model_config.max_model_len
         self.bulk_seats_with_interactive = engine_settings.bulk_seats_with_interactive
@@ -222,12 +277,14 @@ class VllmEngine:
         else:
             prompt = request.prompt
         self._params[request.request_id] = request.params
+        if request.on_delta is not None:
+            self._streamed[request.request_id] = StreamedOutput(request.on_delta, request.params, self._tokenizer)
         try:
-            sampling = self._sampling_params(**sampling_args(request.params))
+            sampling = self._sampling_params(**sampling_args(request.params, streamed=request.on_delta is not None))
             self._engine.add_request(request.request_id, prompt, sampling,
                                      priority=LANE_PRIORITY[request.lane] if self._priorities else 0)
         except self._rejections as e:
-            self._params.pop(request.request_id, None)
+            self._forget(request.request_id)
             raise EngineRejectedError(str(e)) from e
 
     def step(self):
@@ -236,23 +293,35 @@ class VllmEngine:
             self._hold_bulk_to_limit()
         finished = []
         for output in self._engine.step():
+            streamed = self._streamed.get(output.request_id)
+            if streamed is not None:
+                streamed.add(output)
             if output.finished:
-                completion = output.outputs[0]
-                params = self._params.pop(output.request_id, {})
-                generation = Generation(
-                    text=completion.text,
-                    finish_reason=completion.finish_reason,
-                    prompt_tokens=len(output.prompt_token_ids or ()),
-                    completion_tokens=sum(len(c.token_ids) for c in output.outputs),
-                    output=extra_output(output, params, self._tokenizer),
-                )
-                finished.append((output.request_id, generation))
+                request_id = output.request_id
+                params = self._params.get(request_id, {})
+                self._forget(request_id)
+                # A streamed request's last output holds only its last delta.
+                finished.append((request_id, self._generation(streamed or output, params)))
         return finished
+
+    def _generation(self, output, params):
+        completion = output.outputs[0]
+        return Generation(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            completion_tokens=sum(len(c.token_ids) for c in output.outputs),
+            output=extra_output(output, params, self._tokenizer),
+        )
 
     def abort(self, request_id):
         self._engine.abort_request([request_id])
-        self._params.pop(request_id, None)
+        self._forget(request_id)
         self._held = [r for r in self._held if r.request_id != request_id]
+
+    def _forget(self, request_id):
+        self._params.pop(request_id, None)
+        self._streamed.pop(request_id, None)
 
     def limit_bulk(self, seats):
         """From the next step on, run at most ``seats`` bulk rows in each step; ``None`` lifts the bound.

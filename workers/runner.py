@@ -174,8 +174,11 @@ class Runner:
             self._submit(item)
 
     def _submit(self, item):
+        on_delta = None
+        if item.stream and self.runtime.publisher is not None:
+            on_delta = self.runtime.publisher.started(item)
         request = GenerationRequest(request_id=item.request_id, params=item.params, prompt=item.prompt,
-                                    messages=item.messages, lane=item.lane)
+                                    messages=item.messages, lane=item.lane, on_delta=on_delta)
         try:
             future = self.runtime.loop.submit(request)
         except Exception as e:
@@ -192,8 +195,20 @@ class Runner:
         finally:
             for outcome in outcomes:
                 self._release(outcome.item.id)
+        self._announce_streamed_ends(outcomes)
         if finished.next_jobs:
             runtime.sender.send(jobs=finished.next_jobs)
+
+    def _announce_streamed_ends(self, outcomes):
+        """Interactive jobs' readers learn of the end once it is stored (what a
+        reader then reads of the job agrees with what it streamed); a reader
+        that waits for the whole answer wakes on it too, sooner than a look at
+        the database would find it."""
+        publisher = self.runtime.publisher
+        if publisher is not None:
+            for outcome in outcomes:
+                if outcome.item.stream or outcome.item.lane == "interactive":
+                    publisher.ended(outcome.item, outcome.generation)
 
     def _renew(self):
         runtime = self.runtime
@@ -206,6 +221,8 @@ class Runner:
         for job_id in lost or ():
             item, _ = self._held[job_id]
             runtime.loop.abort(item.request_id)
+            if item.stream and runtime.publisher is not None:
+                runtime.publisher.ended(item, None)
             self._release(job_id)
 
     def _release(self, job_id):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from celery import signals
 
-from queue_engine import allocations, keys, leases
+from queue_engine import allocations, keys, leases, streams
 from queue_engine.broker import Sender
 from queue_engine.db import make_sessions, run_transaction, transaction, upgrade_database
 
@@ -21,6 +21,7 @@ from .celery_app import make_celery
 from .dispatcher import start_dispatcher
 from .engine import EngineSettings, VllmEngine
 from .runner import Runner
+from .streaming import StreamPublisher
 from .webhooks import attach_delivery
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class WorkerRuntime:
     loop: EngineLoop
     worker_id: str
     sender: Sender
+    #: Publishes streamed jobs' partial output (None: nothing is streamed, as in unit tests).
+    publisher: StreamPublisher | None = None
     #: Claims, renews and finishes this worker's work (started with the runtime).
     runner: Runner = field(init=False, repr=False)
 
@@ -63,13 +66,15 @@ def load_runtime(celery_app, model, log=log.info):
     log(f"loading {model!r} from {engine_settings.model_dir}")
     engine = VllmEngine(engine_settings)
     sessions = make_sessions(settings.sqlalchemy_url)
+    loop = EngineLoop(engine).start()
     runtime = WorkerRuntime(
         settings=settings,
         model=model,
         sessions=sessions,
-        loop=EngineLoop(engine).start(),
+        loop=loop,
         worker_id=leases.worker_identity(),
         sender=Sender(celery_app, sessions, settings),
+        publisher=StreamPublisher(streams.open_streams(settings), loop).start(),
     )
     celery_app.qe_runtime = runtime
     # Celery's threads pool looks tasks up on the process's default app.
