@@ -7,7 +7,12 @@
     applied, as the worker does): tokens/s;
 (c) one short synchronous request at a time on the idle worker, request to
     last byte, against (d) the engine's own time for the same request
-    (offline ``LLM.generate`` of that one prompt).
+    (offline ``LLM.generate`` of that one prompt);
+(e) the same N clients as (a) without ``stream``: what streaming costs.
+
+CPU seconds of the web, the worker, Redis and the benchmark's own clients
+during (a) and (e) are printed too: on a two-core machine they all share
+the cores the engine runs on.
 
 Greedy decoding throughout, so every side generates the same tokens. Prints
 the figures as one JSON object on its last line.
@@ -30,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402
+import psutil  # noqa: E402
 
 from bench.throughput import CACHE, PYTHON, cluster_env, make_prompts, offline_generate  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
@@ -53,6 +59,13 @@ def chat_prompts(model_dir, prompts):
     return [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
+def ask_one(client, model, prompt, max_tokens):
+    """One client without ``stream``: ``{started, ended, completion_tokens}``."""
+    started = time.perf_counter()
+    answer = client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=max_tokens, temperature=0)
+    return {"started": started, "ended": time.perf_counter(), "completion_tokens": answer.usage.completion_tokens}
+
+
 def stream_one(client, model, prompt, max_tokens):
     """One streaming client: ``{ttft_s, total_s, completion_tokens}``."""
     started = time.perf_counter()
@@ -74,7 +87,25 @@ def percentile(values, fraction):
     return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
-def run_service(env, settings, model, prompts, max_tokens, single_repeats, tmp):
+def cpu_seconds(processes):
+    return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
+
+
+def concurrently(client, model, prompts, max_tokens, one, processes):
+    """Every prompt at once, one thread each: ``(results, CPU seconds per process)``."""
+    before = cpu_seconds(processes)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: one(client, model, p, max_tokens), prompts))
+    after = cpu_seconds(processes)
+    return results, {name: round(after[name] - before[name], 1) for name in processes}
+
+
+def rate(results):
+    elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    return sum(r["completion_tokens"] for r in results) / elapsed
+
+
+def run_service(env, settings, model, prompts, max_tokens, single_repeats, tmp, redis):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = subprocess.Popen([PYTHON, "-m", "queue_engine.cli", "--log-level", "WARNING", "serve", "--port", str(port)],
@@ -94,12 +125,14 @@ def run_service(env, settings, model, prompts, max_tokens, single_repeats, tmp):
             started = time.perf_counter()
             client.chat.completions.create(model=model, messages=chat(SHORT), max_tokens=8, temperature=0)
             singles.append(time.perf_counter() - started)
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            streams = list(pool.map(lambda p: stream_one(client, model, p, max_tokens), prompts))
+        processes = {"web": psutil.Process(serve.pid), "worker": psutil.Process(worker.pid),
+                     "redis": psutil.Process(redis.process.pid), "clients": psutil.Process()}
+        streams = concurrently(client, model, prompts, max_tokens, stream_one, processes)
+        whole = concurrently(client, model, prompts, max_tokens, ask_one, processes)
     finally:
         stop_process(worker)
         stop_process(serve)
-    return streams, singles
+    return streams, whole, singles
 
 
 def main():
@@ -129,14 +162,12 @@ def main():
             engine_single = offline_generate(model_dir, single_file, 8, 256, repeats=args.single_repeats)
             print(f"(c) then (a): {args.single_repeats} synchronous requests, then {args.clients} streaming "
                   "clients at once ...", flush=True)
-            streams, singles = run_service(env, settings, args.model, prompts, args.max_tokens,
-                                           args.single_repeats, tmp)
+            (streams, stream_cpu), (whole, whole_cpu), singles = run_service(
+                env, settings, args.model, prompts, args.max_tokens, args.single_repeats, tmp, redis)
         finally:
             redis.stop()
 
     completed = [s for s in streams if s["completion_tokens"] > 0]
-    elapsed = max(s["ended"] for s in streams) - min(s["started"] for s in streams)
-    tokens = sum(s["completion_tokens"] for s in streams)
     offline_rate = offline["completion_tokens"] / offline["elapsed_s"]
     ttft = [s["ttft_s"] for s in streams]
     sync_s = statistics.median(singles)
@@ -149,9 +180,14 @@ def main():
         "completed": len(completed),
         "ttft_p50_s": round(percentile(ttft, 0.5), 3),
         "ttft_p99_s": round(percentile(ttft, 0.99), 3),
-        "stream_tokens_per_s": round(tokens / elapsed, 1),
+        "stream_tokens_per_s": round(rate(streams), 1),
+        "unstreamed_tokens_per_s": round(rate(whole), 1),
         "offline_tokens_per_s": round(offline_rate, 1),
-        "ratio_stream_vs_offline": round(tokens / elapsed / offline_rate, 3),
+        "ratio_stream_vs_offline": round(rate(streams) / offline_rate, 3),
+        "ratio_unstreamed_vs_offline": round(rate(whole) / offline_rate, 3),
+        "ratio_stream_vs_unstreamed": round(rate(streams) / rate(whole), 3),
+        "cpu_s_streamed": stream_cpu,
+        "cpu_s_unstreamed": whole_cpu,
         "sync_request_s_p50": round(sync_s, 4),
         "engine_request_s_p50": round(engine_s, 4),
         "sync_overhead_ms": round(1000 * (sync_s - engine_s), 1),

@@ -45,10 +45,14 @@ def cancel_key(job_id):
 
 
 class RedisStreams:
-    """Job streams on Redis (cluster mode)."""
+    """Job streams on Redis (cluster mode).
 
-    def __init__(self, url):
-        self._redis = redis.Redis.from_url(url)
+    Each waiting reader blocks on a connection of its own, so the pool holds
+    one per web thread (``max_connections``; redis-py's default is 100).
+    """
+
+    def __init__(self, url, max_connections=100):
+        self._redis = redis.Redis.from_url(url, max_connections=max_connections)
 
     def publish(self, events):
         """Append ``events``, a list of ``(job_id, event)``, in one round trip."""
@@ -136,4 +140,4 @@ def open_streams(settings):
     """Redis on the broker's server in cluster mode; in-process when embedded."""
     if settings.is_embedded:
         return _local
-    return RedisStreams(settings.broker_url)
+    return RedisStreams(settings.broker_url, max_connections=settings.web_threads + 16)

@@ -56,7 +56,10 @@ def build_server(app, host="127.0.0.1", port=8000):
     threads = app.extensions["qe_settings"].web_threads
     # channel_request_lookahead: a client that goes away while its request runs is seen
     # (waitress.client_disconnected), so a /v1 request it left can be cancelled.
-    return create_server(app, host=host, port=port, threads=threads, channel_request_lookahead=1)
+    # connection_limit: waitress's default of 100 counts idle keep-alive connections
+    # too, so the 101st client waited for one to time out (120 s); as gunicorn's below.
+    return create_server(app, host=host, port=port, threads=threads, channel_request_lookahead=1,
+                         connection_limit=max(1000, 2 * threads))
 
 
 def gunicorn_command(settings, host, port, workers):

@@ -99,3 +99,29 @@ def test_the_publisher_aborts_a_running_job_whose_reader_cancelled(carrier):
     finally:
         publisher.stop()
     assert loop.aborted == ["left:1"]
+
+
+def test_every_web_thread_can_wait_on_its_stream_at_once(redis_server):
+    """One blocked read per waiting request: the pool holds a connection for each
+    web thread, past redis-py's default of 100."""
+    from queue_engine.settings import load_settings
+    from queue_engine.streams import open_streams
+
+    settings = load_settings(environ={"QUEUE_ENGINE_BROKER_URL": redis_server.url, "QUEUE_ENGINE_WEB_THREADS": "150"})
+    carrier = open_streams(settings)
+    waiting = 150
+    barrier, errors = threading.Barrier(waiting), []
+
+    def wait_for_one(index):
+        try:
+            barrier.wait(30)
+            carrier.read(f"many-{index}", "0", 0.5)
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wait_for_one, args=(i,)) for i in range(waiting)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []

@@ -24,18 +24,18 @@ CONFIG = '[batches]\ncompletion_windows = ["24h", "2s"]\n[dispatcher]\ncheck_int
 def server(request, tmp_path_factory, tiny_model_dir):
     """``{url, key, other_key, mode}`` of a module-scoped server in each mode."""
     directory = tmp_path_factory.mktemp(request.param)
+    # "idle" runs on no worker (embedded mode runs one for tiny only): its batches wait, then expire.
+    config = CONFIG + f'[models.idle]\npath = "{tiny_model_dir}"\n'
     if request.param == "cluster":
         redis_server = request.getfixturevalue("redis_server")
         database_url = request.getfixturevalue("cluster_database_url")
-        # "idle" runs on no worker: its batches wait, then expire.
-        cluster = Cluster(directory, tiny_model_dir, redis_server.url, database_url,
-                          config_toml=CONFIG + '[models.idle]\npath = "{tiny}"\n')
+        cluster = Cluster(directory, tiny_model_dir, redis_server.url, database_url, config_toml=config)
         cluster.start_worker()
         keys = [make_key(cluster.sessions, name)[0].key for name in ("v1-a", "v1-b")]
         yield {"url": cluster.url, "key": keys[0], "other_key": keys[1], "mode": "cluster"}
         cluster.stop()
         return
-    process, embedded = start_embedded(directory, tiny_model_dir, CONFIG)
+    process, embedded = start_embedded(directory, tiny_model_dir, config)
     other_key = make_key(make_sessions(load_settings(environ=embedded["env"]).sqlalchemy_url), "v1-other")[0].key
     yield {"url": embedded["url"], "key": embedded["key"], "other_key": other_key, "mode": "embedded"}
     stop_process(process)
@@ -154,8 +154,6 @@ def test_list_pages_and_isolation(server):
 
 def test_a_batch_expires(server):
     """With a 2s window and no worker for its model, every row expires into the error file."""
-    if server["mode"] != "cluster":
-        pytest.skip("needs a model no worker runs: the cluster's 'idle'")
     client = client_for(server)
     file = upload(client, [request_line(f"r{i}", "/v1/completions", model="idle") for i in range(3)])
     batch = client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="2s")

@@ -3,10 +3,12 @@
 it claims the job through the run protocol, publishes its stream events and
 stores its outcome (real workers are in tests/integration/test_v1_completions.py)."""
 
+import http.client
 import threading
 
 import openai
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from queue_engine import streams
@@ -179,3 +181,20 @@ def test_errors_take_openais_shape_as_the_openapi_document_says(client, auth, sp
     assert response.status_code == 400
     error = assert_matches_openapi(spec, "/v1/chat/completions", "post", response)["error"]
     assert (error["param"], error["type"]) == ("functions", "invalid_request_error")
+
+
+def test_idle_keep_alive_connections_do_not_lock_out_new_clients(server):
+    """Clients that keep their connections open between requests (as the openai
+    client does) do not use up the server: the next client is answered at once,
+    not when an idle connection times out (waitress's default limit is 100)."""
+    idle = [http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+            for _ in range(150)]
+    try:
+        for connection in idle:
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read() is not None
+        newcomer = requests.get(server.url + "/healthz", timeout=10)
+        assert newcomer.ok
+    finally:
+        for connection in idle:
+            connection.close()
