@@ -5,14 +5,15 @@ import hashlib
 import secrets
 import threading
 import time
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import IntegrityError
 
-from .errors import InvalidRequestError
-from .models import ApiKey, utcnow
+from . import batches, jobs
+from .errors import BatchFinishedError, InvalidRequestError, JobFinishedError, NoSuchKeyError
+from .models import ApiKey, Batch, Job, utcnow
 
 KEY_PREFIX = "qe_"
 
@@ -36,8 +37,9 @@ def new_webhook_secret():
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def create_api_key(session, name):
-    """Store a new key called ``name`` and return it in clear, once.
+def create_api_key(session, name, is_operator=False):
+    """Store a new key called ``name`` and return it in clear, once. An
+    ``is_operator`` key sees and may cancel every key's work.
 
     Raises:
         InvalidRequestError: the name is empty or already taken.
@@ -46,7 +48,8 @@ def create_api_key(session, name):
     if not name:
         raise InvalidRequestError("a key needs a non-empty name")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, key_hash=hash_key(key), key_prefix=key[:10], webhook_secret=new_webhook_secret())
+    row = ApiKey(name=name, key_hash=hash_key(key), key_prefix=key[:10], webhook_secret=new_webhook_secret(),
+                 is_operator=is_operator)
     session.add(row)
     try:
         session.flush()
@@ -67,50 +70,127 @@ def find_api_key(session, key):
 
 @dataclass(frozen=True)
 class KeyIdentity:
-    """Who a request's key belongs to: what a request needs of its key row."""
+    """Who a request's key belongs to: what a request needs of its key row,
+    its quotas included, so checking them costs no lookup of the key."""
 
     id: int
     name: str
+    is_operator: bool = False
+    max_waiting_rows: int | None = None
+    max_waiting_tokens: int | None = None
+    requests_per_minute: int | None = None
+    token_budget: int | None = None
+    budget_period: str | None = None
+
+    @classmethod
+    def from_row(cls, row):
+        """The identity of an :class:`ApiKey` row."""
+        return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})
+
+
+#: Seconds between a web process's looks at whether any key changed (see :class:`ApiKeyCache`).
+CHANGE_CHECK_SECONDS = 0.2
+
+
+def keys_signature(session):
+    """A value that changes whenever a key is created, revoked, or given other
+    limits or operator rights: a few aggregates over ``api_keys``, a table of
+    a few rows, so one cheap query.
+
+    Revocations are counted as well as dated, so a revocation whose
+    ``revoked_at`` is older than the newest one (clocks of two hosts) is seen.
+    A change of limits is seen unless another key's limits changed by the
+    opposite amount at the same moment; then it waits for the cache's TTL.
+    """
+    limits = [func.sum(func.coalesce(column, -1)) for column in (
+        ApiKey.max_waiting_rows, ApiKey.max_waiting_tokens, ApiKey.requests_per_minute, ApiKey.token_budget)]
+    return tuple(session.execute(select(
+        func.count(), func.count(ApiKey.revoked_at), func.max(ApiKey.revoked_at), *limits,
+        func.sum(case((ApiKey.is_operator, 1), else_=0)),
+        func.sum(func.length(func.coalesce(ApiKey.budget_period, ""))),
+    )).one())
 
 
 class ApiKeyCache:
     """Key hash -> :class:`KeyIdentity` for ``ttl`` seconds, so most requests
-    skip the lookup. A revoked key keeps working in a process that looked it
-    up for at most ``ttl`` seconds more. Unknown keys are not kept.
+    skip the lookup. Unknown keys are not kept.
+
+    A revocation must hold at once in every web process, wherever it was
+    made (``keys revoke`` in another process, or the API). So at most every
+    ``check_interval`` seconds the first request to come looks at
+    :func:`keys_signature` and, if it changed, the whole cache is dropped:
+    a revoked key is refused within ``check_interval`` (0.2 s) by every
+    process, at the cost of at most five tiny queries a second per process
+    and none while idle. New limits take effect the same way. This was
+    chosen over a message on the broker (Redis pub/sub) because it needs no
+    broker in embedded mode, and no message can be missed: the database
+    that holds the revocation is the one that is read.
 
     Args:
         ttl: seconds an entry is trusted; 0 looks every key up every time.
         max_entries: past this many keys, the cache starts over.
         clock: monotonic seconds (tests pass their own).
+        check_interval: seconds between looks at :func:`keys_signature`.
     """
 
-    def __init__(self, ttl, max_entries=10_000, clock=time.monotonic):
+    def __init__(self, ttl, max_entries=10_000, clock=time.monotonic, check_interval=CHANGE_CHECK_SECONDS):
         if ttl < 0:
             raise ValueError(f"ttl must be 0 or more seconds, not {ttl!r}")
-        self.ttl, self.max_entries, self.clock = ttl, max_entries, clock
+        self.ttl, self.max_entries, self.clock, self.check_interval = ttl, max_entries, clock, check_interval
         self._entries = {}
         self._lock = threading.Lock()
+        self._checked_at = None
+        self._signature = None
+        #: Bumped whenever the cache is dropped: a lookup that began before must not store what it read.
+        self._generation = 0
 
     def find(self, get_session, key):
-        """The live key's identity for ``key`` in clear, or None; ``get_session()`` is called only on a miss."""
+        """The live key's identity for ``key`` in clear, or None; ``get_session()``
+        is called only on a miss or when it is time to look for changed keys."""
         if not key or not key.startswith(KEY_PREFIX):
             return None
         digest = hash_key(key)
         now = self.clock()
+        session = None
+        if self._is_time_to_check(now):
+            session = get_session()
+            self._forget_if_changed(keys_signature(session))
         with self._lock:
             entry = self._entries.get(digest)
+            generation = self._generation
         if entry is not None and entry[0] > now:
             return entry[1]
-        row = find_api_key(get_session(), key)
-        identity = None if row is None else KeyIdentity(row.id, row.name)
+        row = find_api_key(session or get_session(), key)
+        identity = None if row is None else KeyIdentity.from_row(row)
         with self._lock:
             if identity is None or not self.ttl:
                 self._entries.pop(digest, None)
-            else:
+            elif generation == self._generation:
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
                 self._entries[digest] = (now + self.ttl, identity)
         return identity
+
+    def forget_all(self):
+        """Drop every entry (this process just revoked or changed a key)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation += 1
+
+    def _is_time_to_check(self, now):
+        """True for one caller per ``check_interval``."""
+        with self._lock:
+            if self._checked_at is not None and now - self._checked_at < self.check_interval:
+                return False
+            self._checked_at = now
+            return True
+
+    def _forget_if_changed(self, signature):
+        with self._lock:
+            changed = self._signature is not None and signature != self._signature
+            self._signature = signature
+        if changed:
+            self.forget_all()
 
 
 def rotate_webhook_secret(session, name, grace_hours=24.0):
@@ -133,3 +213,105 @@ def rotate_webhook_secret(session, name, grace_hours=24.0):
     row.webhook_secret = new_webhook_secret()
     session.flush()
     return row.webhook_secret, row.previous_secret_until
+
+
+def get_api_key(session, name):
+    """The key row called ``name``, revoked or not.
+
+    Raises:
+        NoSuchKeyError: no key has this name.
+    """
+    row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+    if row is None:
+        raise NoSuchKeyError(f"no key named {name!r}")
+    return row
+
+
+#: The quotas ``keys set-limits`` sets; None is unlimited.
+LIMITS = ("max_waiting_rows", "max_waiting_tokens", "requests_per_minute", "token_budget")
+BUDGET_PERIODS = ("day", "month")
+
+
+def set_key_limits(session, name, **changes):
+    """Change the share and quotas of the key ``name``; only the given
+    fields change, and None clears a quota (unlimited).
+
+    Args:
+        changes: ``share`` (a weight above 0), any of :data:`LIMITS` (a
+            whole number, 0 or more, or None), ``budget_period`` (``day``
+            or ``month``, UTC).
+
+    Returns:
+        The key row, changed.
+
+    Raises:
+        InvalidRequestError: a value out of range, or a token budget without a period.
+        NoSuchKeyError: no key has this name.
+    """
+    row = get_api_key(session, name)
+    for field, value in changes.items():
+        if field == "share":
+            if value is None or not value > 0:
+                raise InvalidRequestError(f"share: must be a number above 0 (a weight), not {value!r}")
+        elif field == "budget_period":
+            if value not in (*BUDGET_PERIODS, None):
+                raise InvalidRequestError(f"budget_period: must be one of {', '.join(BUDGET_PERIODS)}, not {value!r}")
+        elif field in LIMITS:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidRequestError(f"{field}: must be a whole number, 0 or more, or none, not {value!r}")
+        else:
+            raise InvalidRequestError(f"{field}: not a limit of a key; set share, budget_period or {', '.join(LIMITS)}")
+        setattr(row, field, value)
+    if row.token_budget is not None and row.budget_period is None:
+        raise InvalidRequestError("token_budget: give its period too (budget_period day or month)")
+    session.flush()
+    return row
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What :func:`revoke_api_key` did."""
+
+    name: str
+    revoked_at: datetime
+    cancelled_jobs: int
+    cancelled_batches: int
+
+
+def revoke_api_key(session, name, cancel_work=False):
+    """Revoke the key ``name``: from now on it authenticates nothing (every
+    web process refuses it within :data:`CHANGE_CHECK_SECONDS`).
+
+    Its work runs on unless ``cancel_work``: then its unfinished single jobs
+    and tribunals, and its batches in progress, are cancelled as their owner
+    would cancel them (:func:`jobs.cancel_job`, :func:`batches.cancel_batch`).
+    Revoking a revoked key again keeps the first ``revoked_at``, so it can be
+    used to cancel the work left behind.
+
+    Raises:
+        NoSuchKeyError: no key has this name.
+    """
+    row = get_api_key(session, name)
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    cancelled_jobs = cancelled_batches = 0
+    if cancel_work:
+        unfinished = session.scalars(select(Job.id).where(
+            Job.owner_id == row.id, Job.batch_id.is_(None), Job.parent_id.is_(None),
+            Job.status.in_([jobs.JobState.QUEUED.value, jobs.JobState.RUNNING.value]))).all()
+        for job_id in unfinished:
+            try:
+                jobs.cancel_job(session, row.id, job_id)
+                cancelled_jobs += 1
+            except JobFinishedError:  # it ended since it was listed
+                pass
+        in_progress = session.scalars(select(Batch.id).where(
+            Batch.owner_id == row.id, Batch.status == batches.BatchState.IN_PROGRESS.value)).all()
+        for batch_id in in_progress:
+            try:
+                batches.cancel_batch(session, row.id, batch_id)
+                cancelled_batches += 1
+            except BatchFinishedError:  # it ended since it was listed
+                pass
+    return Revocation(row.name, row.revoked_at, cancelled_jobs, cancelled_batches)

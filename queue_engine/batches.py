@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from . import dispatch, webhooks
 from .errors import BatchFinishedError, NoSuchBatchError
-from .jobs import JobState, check_model_request, new_id, newest_first, transition_statement
+from .jobs import JobState, check_model_request, estimate_tokens, new_id, newest_first, transition_statement
 from .models import Batch, Job, utcnow
 from .schemas import BatchOut
 from .states import check_move
@@ -102,8 +102,8 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
     """Store a batch and every row the ``reader`` yields, in ``session``'s transaction.
 
     Rows that cannot run (``row.error``) are stored as failed jobs. The
-    chunks are recorded as sent: the caller commits, then sends chunks
-    ``0 .. batch.chunks - 1`` (and releases those it could not send). If the
+    chunks are recorded pending: once committed, the dispatcher sends them
+    by fair share between keys (``queue_engine.fairshare``). If the
     reader raises (a problem with the file), the caller rolls back and
     nothing is kept.
 
@@ -117,7 +117,7 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
         id=new_id("batch"), owner_id=owner_id, model=request.model, status=BatchState.IN_PROGRESS.value,
         input_format=file_format, filename=filename, id_column=reader.id_header,
         params=request.params.model_dump(), webhook_url=request.webhook_url,
-        total=0, completed=0, failed=0, cancelled=0, chunks=0, created_at=now,
+        total=0, completed=0, failed=0, cancelled=0, chunks=0, planned_tokens=0, created_at=now,
     )
     session.add(batch)
     session.flush()
@@ -129,10 +129,11 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
         session.execute(insert(Job), values)
         batch.total += len(window)
         batch.failed += sum(1 for row in window if row.error)
+        batch.planned_tokens += planned_tokens(window, request.params.max_tokens)
     # The reader learns from the header which column holds the ids.
     batch.id_column = reader.id_header
     session.flush()
-    dispatch.add_chunks(session, batch.id, batch.model, batch.chunks, utcnow())
+    dispatch.add_chunks(session, batch.id, batch.model, batch.chunks)
     settle(session, batch.id)
     session.refresh(batch)
     return batch
@@ -151,6 +152,13 @@ def row_values(batch, row, now):
     }
 
 
+def planned_tokens(rows, batch_max_tokens):
+    """The estimated tokens of the runnable ``rows`` (``jobs.estimate_tokens``),
+    a row's own ``max_tokens`` winning over the batch's."""
+    return sum(estimate_tokens(row.prompt, row.messages, (row.params or {}).get("max_tokens", batch_max_tokens))
+               for row in rows if row.error is None)
+
+
 def assign_chunks(values, rows, chunk_rows, first_chunk):
     """Number the runnable rows of a window into chunks, rows with equal
     prefixes side by side; returns the next free chunk number."""
@@ -163,14 +171,14 @@ def assign_chunks(values, rows, chunk_rows, first_chunk):
 # --- reading and cancelling (web side) -----------------------------------------
 
 
-def get_batch(session, owner_id, batch_id):
-    """The batch ``batch_id`` if ``owner_id`` created it.
+def get_batch(session, owner_id, batch_id, operator=False):
+    """The batch ``batch_id`` if ``owner_id`` created it, or any key's for an ``operator``.
 
     Raises:
         NoSuchBatchError: no such batch, or another key's (never tell which).
     """
     batch = session.get(Batch, batch_id, populate_existing=True) if isinstance(batch_id, str) else None
-    if batch is None or batch.owner_id != owner_id:
+    if batch is None or (batch.owner_id != owner_id and not operator):
         raise NoSuchBatchError(f"no batch {batch_id!r}")
     return batch
 
@@ -180,14 +188,14 @@ def list_batches(session, owner_id, limit=20, cursor=None):
     return newest_first(session, select(Batch).where(Batch.owner_id == owner_id), Batch.id, limit, cursor, "batch_")
 
 
-def cancel_batch(session, owner_id, batch_id):
+def cancel_batch(session, owner_id, batch_id, operator=False):
     """Cancel every queued row at once; running rows finish, then the batch is ``cancelled``.
 
     Raises:
-        NoSuchBatchError: as :func:`get_batch`.
+        NoSuchBatchError: as :func:`get_batch` (an ``operator`` may cancel any key's).
         BatchFinishedError: the batch already ended.
     """
-    batch = get_batch(session, owner_id, batch_id)
+    batch = get_batch(session, owner_id, batch_id, operator)
     if batch.status not in ACTIVE:
         raise BatchFinishedError(f"batch {batch_id!r} already ended as {batch.status!r}; nothing to cancel")
     cancelled = session.execute(
@@ -199,7 +207,7 @@ def cancel_batch(session, owner_id, batch_id):
         cancelled=Batch.cancelled + cancelled, cancelled_at=func.coalesce(Batch.cancelled_at, utcnow())))
     dispatch.drop_chunks(session, batch_id)
     settle(session, batch_id)
-    return get_batch(session, owner_id, batch_id)
+    return get_batch(session, owner_id, batch_id, operator)
 
 
 def result_rows(session, batch_id):
@@ -222,6 +230,11 @@ def batch_to_dict(batch):
         "model": batch.model,
         "request_counts": {
             "total": batch.total, "completed": batch.completed, "failed": batch.failed, "cancelled": batch.cancelled,
+        },
+        "usage": {
+            "prompt_tokens": batch.prompt_tokens or 0, "completion_tokens": batch.completion_tokens or 0,
+            "total_tokens": (batch.prompt_tokens or 0) + (batch.completion_tokens or 0),
+            "engine_seconds": batch.engine_seconds or 0.0,
         },
         "created_at": batch.created_at,
         "completed_at": batch.completed_at,

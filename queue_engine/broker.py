@@ -74,8 +74,9 @@ def make_celery(settings):
     return app
 
 class Sender:
-    """Sends the messages of work a process just committed (the web's
-    submissions, a worker's next tribunal steps).
+    """Sends the messages of jobs a process just committed (the web's
+    submissions, a worker's next tribunal steps; batch rows wait for the
+    dispatcher's fair share).
 
     The work was stored marked sent; what the broker refuses is marked unsent
     again, in the database, for the dispatcher. After a refusal the sender
@@ -87,24 +88,21 @@ class Sender:
         self.app, self.sessions, self.settings = app, sessions, settings
         self._paused_until = 0.0
 
-    def send(self, jobs=(), chunks=()):
-        """Send ``(job_id, model)`` jobs and ``(batch_id, chunk, model)`` chunks; never raises for the broker."""
+    def send(self, jobs=()):
+        """Send ``(job_id, model)`` jobs; never raises for the broker."""
         faults.crash_point(self.settings, faults.AFTER_COMMIT)
         if time.monotonic() < self._paused_until:
-            unsent_jobs, unsent_chunks = [job_id for job_id, _ in jobs], list(chunks)
+            unsent = [job_id for job_id, _ in jobs]
         else:
-            unsent_jobs, unsent_chunks = send_jobs(self.app, jobs), send_chunks(self.app, chunks)
-        if not (unsent_jobs or unsent_chunks):
+            unsent = send_jobs(self.app, jobs)
+        if not unsent:
             return True
         self._paused_until = time.monotonic() + PAUSE_AFTER_REFUSAL
         try:
-            run_transaction(self.sessions, lambda session: (
-                dispatch.release_jobs(session, unsent_jobs),
-                dispatch.release_chunks(session, [(batch_id, chunk) for batch_id, chunk, _ in unsent_chunks])))
+            run_transaction(self.sessions, lambda session: dispatch.release_jobs(session, unsent))
         except Exception:
             # Still marked sent: the dispatcher finds them missing from the broker.
-            log.warning("could not mark %d unsent messages in the database", len(unsent_jobs) + len(unsent_chunks),
-                        exc_info=True)
+            log.warning("could not mark %d unsent messages in the database", len(unsent), exc_info=True)
         return False
 
 

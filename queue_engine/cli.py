@@ -12,7 +12,8 @@ import sys
 
 import click
 
-from .db import make_sessions, transaction, upgrade_database
+from .cli_keys import keys
+from .db import make_sessions, upgrade_database
 from .errors import QueueEngineError
 from .settings import load_settings
 
@@ -70,6 +71,9 @@ def read_settings():
 def main(log_level):
     """queue-engine: batch inference for LLMs on SLURM clusters."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+main.add_command(keys)
 
 
 @main.command()
@@ -197,55 +201,6 @@ def db_upgrade():
     settings = read_settings()
     upgrade_database(settings.sqlalchemy_url)
     click.echo(f"database is up to date: {settings.sqlalchemy_url.split('@')[-1]}")
-
-
-@main.group()
-def keys():
-    """API key commands."""
-
-
-@keys.command("create")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {name, key, webhook_secret}.")
-def keys_create(name, as_json):
-    """Create an API key called NAME and print it (only this once)."""
-    from .apikeys import create_api_key
-
-    settings = read_settings()
-    upgrade_database(settings.sqlalchemy_url)
-    sessions = make_sessions(settings.sqlalchemy_url)
-    try:
-        with transaction(sessions) as session:
-            new_key = create_api_key(session, name)
-    except QueueEngineError as e:
-        raise click.ClickException(str(e)) from e
-    if as_json:
-        click.echo(json.dumps({"name": new_key.name, "key": new_key.key, "webhook_secret": new_key.webhook_secret}))
-    else:
-        click.echo(f"key:            {new_key.key}\nwebhook secret: {new_key.webhook_secret}\n"
-                   "Store both now; only a hash of the key is kept.")
-
-
-@keys.command("rotate-secret")
-@click.argument("name")
-@click.option("--grace-hours", type=float, default=24.0, show_default=True,
-              help="Hours during which the old secret signs too.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {name, webhook_secret, previous_valid_until}.")
-def keys_rotate_secret(name, grace_hours, as_json):
-    """Give key NAME a new webhook secret; the old one also signs for the grace period."""
-    from .apikeys import rotate_webhook_secret
-
-    settings = read_settings()
-    upgrade_database(settings.sqlalchemy_url)
-    try:
-        with transaction(make_sessions(settings.sqlalchemy_url)) as session:
-            secret, until = rotate_webhook_secret(session, name, grace_hours)
-    except QueueEngineError as e:
-        raise click.ClickException(str(e)) from e
-    if as_json:
-        click.echo(json.dumps({"name": name, "webhook_secret": secret, "previous_valid_until": until.isoformat()}))
-    else:
-        click.echo(f"webhook secret: {secret}\nThe previous secret also signs until {until.isoformat()}.")
 
 
 @main.group()
@@ -403,6 +358,9 @@ def demo(prompts):
 
     run_demo(settings, celery_app, prompts, echo=click.echo)
 
+
+from .cli_usage import usage_command  # noqa: E402  (its own module; it needs nothing of this one)
+main.add_command(usage_command)
 
 if __name__ == "__main__":
     main()

@@ -10,9 +10,11 @@ can be rebuilt from it. Waiting work travels in two kinds of message:
   has passed;
 - a chunk of batch rows, one message on the model's bulk queue: a
   :class:`~queue_engine.models.BatchChunk`, ``pending -> sent -> taken``, and
-  back to ``pending`` when some of its rows must run again.
+  back to ``pending`` when some of its rows must run again. Chunks are
+  stored pending and sent a few at a time, by fair share between keys
+  (``queue_engine.fairshare``).
 
-Whoever creates work (the web, a worker ending a tribunal step) marks it sent
+Whoever creates a job (the web, a worker ending a tribunal step) marks it sent
 in the transaction that stores it and sends after the commit; if the send
 fails it marks it unsent again (:func:`release_jobs`, :func:`release_chunks`).
 The dispatcher (``workers/dispatcher.py``) sends whatever is unsent and due,
@@ -87,28 +89,6 @@ def claim_due_jobs(session, now, limit):
     ).all()
 
 
-def claim_due_chunks(session, now, limit):
-    """Mark up to ``limit`` pending, due chunks as sent now, oldest batch first.
-
-    Returns:
-        ``(batch_id, chunk, model)`` of each, for the caller to send after commit.
-    """
-    due = [or_(BatchChunk.retry_at.is_(None), BatchChunk.retry_at <= now)]
-    candidates = session.execute(
-        select(BatchChunk.batch_id, BatchChunk.chunk)
-        .where(BatchChunk.state == ChunkState.PENDING.value, *due)
-        .order_by(BatchChunk.batch_id, BatchChunk.chunk).limit(limit)
-    ).all()
-    if not candidates:
-        return []
-    key = tuple_(BatchChunk.batch_id, BatchChunk.chunk)
-    return session.execute(
-        chunk_transition([ChunkState.PENDING], ChunkState.SENT, [key.in_(candidates), *due],
-                         dispatched_at=now, retry_at=None)
-        .returning(BatchChunk.batch_id, BatchChunk.chunk, BatchChunk.model)
-    ).all()
-
-
 def release_jobs(session, job_ids):
     """Mark jobs whose messages could not be sent as unsent, for the dispatcher."""
     if job_ids:
@@ -130,13 +110,13 @@ def release_chunks(session, keys):
                 BatchChunk.batch_id == batch_id, BatchChunk.chunk.in_(chunks[start:start + 1000])]))
 
 
-def add_chunks(session, batch_id, model, count, now):
-    """Record the chunks ``0 .. count - 1`` of a new batch, marked sent now
-    (the caller sends them after commit, or releases them)."""
+def add_chunks(session, batch_id, model, count):
+    """Record the chunks ``0 .. count - 1`` of a new batch, pending: the
+    dispatcher sends them a few at a time, by fair share (``queue_engine.fairshare``)."""
     if count:
         session.execute(BatchChunk.__table__.insert(), [
-            {"batch_id": batch_id, "chunk": chunk, "model": model, "state": ChunkState.SENT.value,
-             "dispatched_at": now} for chunk in range(count)
+            {"batch_id": batch_id, "chunk": chunk, "model": model, "state": ChunkState.PENDING.value}
+            for chunk in range(count)
         ])
 
 

@@ -87,6 +87,44 @@ class NoWorkerError(QueueEngineError):
         self.retry_after = retry_after
 
 
+class QuotaExceededError(QueueEngineError):
+    """A key's quota refuses this request; nothing of it was stored.
+
+    ``code`` says which quota: ``quota_exceeded`` (work waiting at once),
+    ``rate_limited`` (requests per minute), ``token_budget_exhausted``.
+    ``retry_after``: seconds after which trying again can succeed, where
+    that is known (the end of the rate window or of the budget period).
+    """
+
+    code = "quota_exceeded"
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(QuotaExceededError):
+    """The key sent more API requests this minute than its ``requests_per_minute``."""
+
+    code = "rate_limited"
+
+
+class TokenBudgetExhaustedError(QuotaExceededError):
+    """The key has used its ``token_budget`` for this day or month; running work finishes."""
+
+    code = "token_budget_exhausted"
+
+
+class OperatorOnlyError(QueueEngineError):
+    """Only an operator key may do this (``keys create --operator``)."""
+
+    code = "operator_only"
+
+
+class NoSuchKeyError(NotFoundError):
+    """No API key has this name."""
+
+
 class InvalidFileError(InvalidRequestError):
     """An uploaded file cannot be read as a batch; nothing of it is kept.
 

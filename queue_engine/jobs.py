@@ -9,6 +9,7 @@ gets its message on the broker, and gets it again, is in ``dispatch.py``.
 
 import hashlib
 import json
+import math
 from enum import Enum
 
 from sqlalchemy import func, select, update
@@ -22,7 +23,7 @@ from .errors import (
 )
 from . import webhooks
 from .models import Job, new_id, utcnow
-from .schemas import JobOut
+from .schemas import JobOut, Params
 from .states import check_move
 
 
@@ -46,6 +47,10 @@ ALLOWED = {
 FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 MAX_PAGE = 100
+#: What a request generates at most when it does not say (``params.max_tokens``).
+DEFAULT_MAX_TOKENS = Params.model_fields["max_tokens"].default
+#: Characters per token, for estimating a prompt's tokens without its tokenizer.
+CHARS_PER_TOKEN = 4
 
 
 def transition(session, job_id, source, target, *, where=(), returning=False, **values):
@@ -202,8 +207,28 @@ def _replay(job, fingerprint):
     return job
 
 
-def get_job(session, owner_id, job_id):
-    """The job ``job_id`` if ``owner_id`` created it.
+def estimate_tokens(prompt, messages, max_tokens=None):
+    """The tokens a request may cost: its prompt's characters / 4, rounded
+    up, plus what it may generate. Chat messages count as the characters of
+    their JSON text, as stored (a little more than their contents), so the
+    database can sum the same estimate over waiting jobs (``quotas``).
+
+    >>> estimate_tokens("The list type", None, 16)
+    20
+    >>> estimate_tokens(None, [{"role": "user", "content": "Hi"}])
+    265
+    """
+    chars = len(prompt) if prompt is not None else len(json.dumps(messages)) if messages else 0
+    return math.ceil(chars / CHARS_PER_TOKEN) + (max_tokens or DEFAULT_MAX_TOKENS)
+
+
+def job_tokens(job):
+    """:func:`estimate_tokens` of a stored or new job."""
+    return estimate_tokens(job.prompt, job.messages, (job.params or {}).get("max_tokens"))
+
+
+def get_job(session, owner_id, job_id, operator=False):
+    """The job ``job_id`` if ``owner_id`` created it, or any key's for an ``operator``.
 
     A tribunal's steps are not jobs of the API: they are read through the
     tribunal's trace.
@@ -212,7 +237,7 @@ def get_job(session, owner_id, job_id):
         NoSuchJobError: no such job, or another key's (never tell which).
     """
     job = session.get(Job, job_id) if isinstance(job_id, str) else None
-    if job is None or job.owner_id != owner_id or job.parent_id is not None:
+    if job is None or (job.owner_id != owner_id and not operator) or job.parent_id is not None:
         raise NoSuchJobError(f"no job {job_id!r}")
     return job
 
@@ -253,17 +278,17 @@ def newest_first(session, query, id_column, limit, cursor, prefix):
     return items[:limit], next_cursor
 
 
-def cancel_job(session, owner_id, job_id):
+def cancel_job(session, owner_id, job_id, operator=False):
     """Cancel a queued or running job; its worker discards any result.
 
     A tribunal's unfinished steps are cancelled with it, so their workers
     stop, and nothing schedules the steps that would have followed.
 
     Raises:
-        NoSuchJobError: as :func:`get_job`.
+        NoSuchJobError: as :func:`get_job` (an ``operator`` may cancel any key's).
         JobFinishedError: the job already ended.
     """
-    job = get_job(session, owner_id, job_id)
+    job = get_job(session, owner_id, job_id, operator)
     for source in (JobState.QUEUED, JobState.RUNNING):
         if transition(session, job_id, source, JobState.CANCELLED, lease_owner=None):
             cancel_steps(session, job_id)

@@ -9,9 +9,10 @@ worker runs them all the same way, in sets:
    statement, and says which items it no longer holds (cancelled, or given to
    another worker after its lease expired), so their generation is stopped;
 3. :func:`finish` stores a set of outcomes in one transaction and everything
-   an outcome implies: the retry policy, the batch counts and the batch's
-   end, a tribunal's next steps, the webhook events. It returns the work to
-   send once that transaction has committed.
+   an outcome implies: the retry policy, the batch counts, tokens and engine
+   time and the batch's end, the key's usage (``usage.py``), a tribunal's
+   next steps, the webhook events. It returns the work to send once that
+   transaction has committed.
 
 A single job is a set of one; a worker groups what arrives together, so one
 transaction claims, renews or finishes many items. Claims take queued work
@@ -28,7 +29,7 @@ from typing import NamedTuple
 
 from sqlalchemy import JSON, bindparam, select, update
 
-from . import batches, jobs, tribunal
+from . import batches, jobs, tribunal, usage
 from .dispatch import take_chunk
 from .errors import EngineRejectedError
 from .jobs import JobState, transition_statement
@@ -65,7 +66,8 @@ class Item(NamedTuple):
 
 class Outcome(NamedTuple):
     """How one attempt ended: a ``generation`` (text, finish_reason,
-    prompt_tokens, completion_tokens), or the ``error`` the engine raised."""
+    prompt_tokens, completion_tokens; ``output`` and ``engine_seconds`` where
+    it has them), or the ``error`` the engine raised."""
 
     item: Item
     generation: object = None
@@ -172,13 +174,19 @@ def finish(session, worker, outcomes, settings):
     other error (the item goes back to the queue, its message sent again
     after ``retry_delay``, or fails after ``max_attempts``). Outcomes of items
     the worker no longer holds are dropped. Then, for the items that ended:
-    batch counts (and the batch's end), tribunal steps, webhook events.
+    batch counts (and the batch's end), tribunal steps, webhook events; and
+    for each generation, its tokens and engine seconds on its batch and in its
+    key's usage of the day (:func:`queue_engine.usage.record`). Failed items
+    count in neither: they bring no generation, so no tokens (an engine
+    error or a rejection reports none, and the engine time of an attempt
+    that failed or was aborted is not known per request).
 
     Returns:
         :class:`Finished`.
     """
     outcomes = list({outcome.item.id: outcome for outcome in outcomes}.values())  # each item once
-    held = _hold(session, worker, [outcome.item.id for outcome in outcomes])
+    held = _hold(session, worker, [outcome.item.id for outcome in outcomes])  # id -> owner id
+    now = utcnow()
     succeeded, failed, retried = [], [], []
     for outcome in outcomes:
         if outcome.item.id not in held:
@@ -193,18 +201,24 @@ def finish(session, worker, outcomes, settings):
             failed.append((outcome.item, "engine_error",
                            f"failed after {outcome.item.attempts} attempts: {type(outcome.error).__name__}: "
                            f"{outcome.error}"))
-    _store_generations(session, succeeded)
+    _store_generations(session, succeeded, now)
+    _add_batch_usage(session, succeeded)
     _store_failures(session, failed)
     for item, message in retried:
         _retry(session, worker, item, message, settings.retry_delay)
     ended = [(o.item, JobState.SUCCEEDED) for o in succeeded] + [(item, JobState.FAILED) for item, _, _ in failed]
     next_jobs = after_end(session, ended, settings)
+    # Last, in one order (usage.add_up), so that usage rows never wait on rows
+    # another finish locks after its own usage rows: no deadlock on PostgreSQL.
+    usage.record(session, [usage.Increment(
+        held[o.item.id], o.item.model, now.date(), 1, o.generation.prompt_tokens, o.generation.completion_tokens,
+        engine_seconds(o.generation)) for o in succeeded])
     return Finished([item.id for item, _ in ended], [item.id for item, _ in retried], next_jobs)
 
 
 def _hold(session, worker, job_ids):
     """The ids among ``job_ids`` that ``worker`` still runs, locked for this
-    transaction, so the writes that follow all apply.
+    transaction, so the writes that follow all apply; each with its owner's id.
 
     PostgreSQL locks them with ``FOR NO KEY UPDATE`` (an UPDATE here would
     make the next UPDATE of the same rows check their foreign keys, taking a
@@ -213,31 +227,61 @@ def _hold(session, worker, job_ids):
     the first write, so there the lock is a write that changes nothing.
     """
     if not job_ids:
-        return set()
+        return {}
     mine = [Job.id.in_(job_ids), Job.status == JobState.RUNNING.value, Job.lease_owner == worker]
     if session.get_bind().dialect.name == "postgresql":
-        return set(session.scalars(select(Job.id).where(*mine).with_for_update(key_share=True)))
-    return set(session.execute(
-        update(Job).where(*mine).values(lease_owner=worker).returning(Job.id)
+        return dict(session.execute(select(Job.id, Job.owner_id).where(*mine).with_for_update(key_share=True)).all())
+    return dict(session.execute(
+        update(Job).where(*mine).values(lease_owner=worker).returning(Job.id, Job.owner_id)
         .execution_options(synchronize_session=False)
-    ).scalars())
+    ).all())
 
 
-def _store_generations(session, outcomes):
+def engine_seconds(generation):
+    """The generation's engine seconds; 0 for one that does not know them."""
+    return getattr(generation, "engine_seconds", None) or 0.0
+
+
+def _store_generations(session, outcomes, now):
     if not outcomes:
         return
     statement = transition_statement(JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id")], {
         "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
         "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
         "output": bindparam("b_output", type_=JSON(none_as_null=True)), "error_code": None, "error_message": None,
+        "engine_seconds": bindparam("b_engine"),
+        # The day its usage is counted on is this one's (UTC).
+        "finished_at": now,
     }).execution_options(dml_strategy="core_only")
     session.execute(statement, [
         {"b_id": o.item.id, "b_text": o.generation.text, "b_finish": o.generation.finish_reason,
          "b_prompt": o.generation.prompt_tokens, "b_completion": o.generation.completion_tokens,
          # n > 1 choices and logprobs, only when the job asked (Generation.output); None otherwise.
-         "b_output": getattr(o.generation, "output", None)}
+         "b_output": getattr(o.generation, "output", None),
+         "b_engine": getattr(o.generation, "engine_seconds", None)}
         for o in outcomes
     ])
+
+
+def _add_batch_usage(session, outcomes):
+    """Add the generations' tokens and engine seconds to their batches, so a
+    batch's totals are one primary-key read while it runs (at its end
+    ``batches.add_token_totals`` writes the same token sums again).
+
+    Batches in id order, so transactions finishing rows of the same batches
+    lock them in one order."""
+    sums = {}
+    for o in outcomes:
+        if o.item.batch_id is not None:
+            prompt, completion, seconds = sums.get(o.item.batch_id, (0, 0, 0.0))
+            sums[o.item.batch_id] = (prompt + o.generation.prompt_tokens,
+                                     completion + o.generation.completion_tokens,
+                                     seconds + engine_seconds(o.generation))
+    for batch_id in sorted(sums):
+        prompt, completion, seconds = sums[batch_id]
+        session.execute(update(Batch).where(Batch.id == batch_id).values(
+            prompt_tokens=Batch.prompt_tokens + prompt, completion_tokens=Batch.completion_tokens + completion,
+            engine_seconds=Batch.engine_seconds + seconds).execution_options(synchronize_session=False))
 
 
 def _store_failures(session, failures):

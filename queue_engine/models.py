@@ -7,9 +7,9 @@ The schema changes only through Alembic migrations in ``migrations/``.
 
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -62,6 +62,17 @@ class ApiKey(Base):
     previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    share: Mapped[float] = mapped_column(
+        Float, default=1.0, server_default="1", doc="its weight in the bulk lane's fair share between keys")
+    is_operator: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(), doc="sees and may cancel every key's work, and all usage")
+    # Quotas; None is unlimited.
+    max_waiting_rows: Mapped[int | None] = mapped_column(BigInteger, doc="requests waiting or running at once")
+    max_waiting_tokens: Mapped[int | None] = mapped_column(
+        BigInteger, doc="tokens (estimated prompt + max_tokens) waiting or running at once")
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, doc="API requests per minute")
+    token_budget: Mapped[int | None] = mapped_column(BigInteger, doc="tokens per budget_period")
+    budget_period: Mapped[str | None] = mapped_column(String(8), doc="day or month (UTC)")
 
 
 class Batch(Base):
@@ -101,6 +112,11 @@ class Batch(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="rows not ended by then are cancelled")
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    engine_seconds: Mapped[float] = mapped_column(
+        Float, default=0.0, server_default="0", doc="the engine time of its finished rows (their shares of steps)")
+    planned_tokens: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0",
+        doc="estimated tokens of its runnable rows at upload (prompt + max_tokens), for the waiting-tokens quota")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -180,6 +196,8 @@ class Job(Base):
         doc="its worker publishes the text as it is generated (a streamed /v1 request)")
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    engine_seconds: Mapped[float | None] = mapped_column(
+        Float, doc="its share of the engine steps it was in (a step's time split between its requests)")
     error_code: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -223,6 +241,24 @@ class BatchChunk(Base):
     state: Mapped[str] = mapped_column(String(16))
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="when its message last went to the broker")
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="a pending chunk is not sent before this")
+
+
+class UsageDaily(Base):
+    """What one key used of one model on one day (UTC): finished requests,
+    tokens and engine time, added to in the transaction that stores each
+    outcome, so usage and budgets are read from a few rows, not from jobs."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+
+    owner_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", name="fk_usage_daily_owner_id_api_keys"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    engine_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class WebhookEvent(Base):

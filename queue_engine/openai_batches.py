@@ -108,9 +108,13 @@ def scan_file(settings, file, endpoint):
     return model
 
 
-def create(session, owner_id, settings, body):
+def create(session, owner_id, settings, body, admit=None):
     """Store the ``/v1`` batch of ``body`` (checked by :func:`check_request`);
-    the caller commits, then sends chunks ``0 .. batch.chunks - 1``.
+    once the caller commits, the dispatcher sends its chunks.
+
+    Args:
+        admit: ``admit(session, batch)`` is called with the batch and its rows
+            in the session; what it raises (a quota) undoes the batch.
 
     Raises:
         NoSuchFileError: no such input file for this key.
@@ -129,6 +133,8 @@ def create(session, owner_id, settings, body):
                 reader = uploads.read_rows(stream, "jsonl", uploads.Upload.from_request(request, settings))
                 batch = create_batch(session, owner_id, settings, request, reader, file_format="jsonl",
                                      filename=file.filename)
+                if admit is not None:
+                    admit(session, batch)  # inside the savepoint: on SQLite its release is a commit
     except InvalidFileError as e:
         return failed_batch(session, owner_id, file, e, extra)
     for key, value in extra.items():

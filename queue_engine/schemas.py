@@ -9,7 +9,7 @@ unpaired surrogates); then the models check each field strictly: ``"5"`` is
 not a number, ``true`` is not an integer and ``1`` is not a string.
 """
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -301,6 +301,15 @@ class RequestCounts(BaseModel):
     cancelled: int
 
 
+class BatchUsage(BaseModel):
+    """What a batch's finished rows used, so far (read from the batch row, not its rows)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    engine_seconds: float = Field(description="its rows' shares of the engine steps they ran in")
+
+
 class BatchOut(BaseModel):
     """The batch object, as every endpoint returns it."""
 
@@ -308,6 +317,7 @@ class BatchOut(BaseModel):
     status: BatchStatus
     model: str
     request_counts: RequestCounts
+    usage: BatchUsage
     created_at: datetime
     completed_at: datetime | None
     cancelled_at: datetime | None
@@ -320,6 +330,36 @@ class BatchOut(BaseModel):
 class BatchList(BaseModel):
     data: list[BatchOut]
     next_cursor: str | None
+
+
+class UsageTotals(BaseModel):
+    """What finished requests used: each request that ended with a generation counts."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    engine_seconds: float = Field(description="the requests' shares of the engine steps they ran in")
+
+
+class UsageRow(UsageTotals):
+    """One group's usage; it holds the field it is grouped by."""
+
+    key: str | None = Field(None, description="the key's name (group_by=key)")
+    model: str | None = Field(None, description="the model profile (group_by=model)")
+    day: date | None = Field(None, description="the day, UTC (group_by=day)")
+
+
+class UsageReport(BaseModel):
+    """``GET /api/v1/usage``: usage over a period of days (both included)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    date_from: date = Field(alias="from")
+    date_to: date = Field(alias="to")
+    group_by: Literal["key", "model", "day"]
+    data: list[UsageRow]
+    total: UsageTotals
 
 
 EventType = Literal["job.completed", "job.failed", "batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]

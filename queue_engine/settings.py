@@ -198,6 +198,11 @@ class DispatcherSettings(_Frozen):
         2.0, gt=0,
         description="seconds between checks of the broker (lost data, lost messages) and of expired leases")
     page: int = Field(1000, ge=1, description="most messages one look sends")
+    bulk_window: int = Field(
+        4, ge=1, le=10000,
+        description="the fewest chunks of one model's batch rows the broker holds at once (more while its workers "
+                    "take more than that a second); the rest wait in the database and go out by fair share between "
+                    "keys as workers take these")
 
 
 def default_data_dir(environ=os.environ):

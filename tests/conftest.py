@@ -13,7 +13,7 @@ from sqlalchemy import delete
 
 from queue_engine.apikeys import create_api_key
 from queue_engine.db import make_engine, make_session_factory, transaction, upgrade_database
-from queue_engine.models import ApiKey, Batch, File, Job, LeaderLease, ScalingState, WebhookEvent, WorkerAllocation
+from queue_engine.models import ApiKey, Batch, File, Job, LeaderLease, ScalingState, UsageDaily, WebhookEvent, WorkerAllocation
 from queue_engine.settings import load_settings
 
 POSTGRES_ADMIN_URL = os.environ.get("QUEUE_ENGINE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -67,6 +67,7 @@ def database_url(request):
         connection.execute(delete(Job))
         connection.execute(delete(File))
         connection.execute(delete(Batch))  # its chunks go with it
+        connection.execute(delete(UsageDaily))
         connection.execute(delete(ApiKey))
         connection.execute(delete(WorkerAllocation))
         connection.execute(delete(ScalingState))

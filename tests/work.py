@@ -54,3 +54,12 @@ def break_down(session, settings, job_id, message="boom", worker="w1"):
     """Finish ``job_id`` with an engine error (retried until ``max_attempts``)."""
     outcome = leases.Outcome(item_of(session, job_id), error=RuntimeError(message))
     return leases.finish(session, worker, [outcome], settings)
+
+
+def send_chunks(session, settings):
+    """Mark every pending chunk sent, as the dispatcher does a window at a
+    time; returns ``(batch_id, chunk, model)`` of each."""
+    from queue_engine import fairshare
+    from queue_engine.models import utcnow
+
+    return fairshare.claim_fair_chunks(session, utcnow(), 10**6, settings.batches.chunk_rows)

@@ -7,7 +7,7 @@ from queue_engine.broker import Sender, make_celery
 from queue_engine.db import make_engine, make_session_factory
 from queue_engine.settings import load_settings
 
-from . import auth, batches, db, errors, health, jobs, metrics, models, openapi, tribunals, v1_batches, v1_completions, v1_files, v1_models, webhooks
+from . import auth, batches, db, errors, health, jobs, keys, metrics, models, openapi, tribunals, usage, v1_batches, v1_completions, v1_files, v1_models, webhooks
 
 
 class SegmentConverter(BaseConverter):
@@ -49,6 +49,8 @@ def create_app(settings=None, celery_app=None):
     app.register_blueprint(batches.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(keys.bp)
+    app.register_blueprint(usage.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(v1_files.bp)

@@ -64,7 +64,8 @@ def list_batches():
 def get_batch(batch_id):
     """The batch; with ``?wait=S``, once it ends or after S seconds."""
     return batches.batch_to_dict(
-        read_after_wait("batch", lambda session: batches.get_batch(session, g.api_key.id, batch_id)))
+        read_after_wait("batch", lambda session: batches.get_batch(session, g.api_key.id, batch_id,
+                                                                   g.api_key.is_operator)))
 
 
 @bp.get("/batches/<batch_id>/results")
@@ -73,7 +74,7 @@ def batch_results(batch_id):
     file_format = request.args.get("format", "csv")
     if file_format not in results.FORMATS:
         raise InvalidRequestError(f"format: {file_format!r} is not one of {', '.join(results.FORMATS)}")
-    batch = batches.get_batch(get_session(), g.api_key.id, batch_id)
+    batch = batches.get_batch(get_session(), g.api_key.id, batch_id, g.api_key.is_operator)
     return Response(
         stream_results(current_app.extensions["qe_sessions"], batch, file_format),
         content_type=results.FORMATS[file_format],
@@ -95,6 +96,6 @@ def stream_results(sessions, batch, file_format):
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id):
     session = get_session()
-    batch = batches.cancel_batch(session, g.api_key.id, batch_id)
+    batch = batches.cancel_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
     session.commit()
     return batches.batch_to_dict(batch)

@@ -28,11 +28,13 @@ STATUS_FOR = {
     files.FileTooLargeError: 413,
     errors.InvalidRequestError: 400,
     errors.AuthenticationError: 401,
+    errors.OperatorOnlyError: 403,
     errors.NotFoundError: 404,
     errors.JobFinishedError: 409,
     errors.BatchFinishedError: 409,
     errors.IdempotencyConflictError: 409,
     webhooks.NoWebhookEventError: 409,
+    errors.QuotaExceededError: 429,
     errors.NoWorkerError: 503,
     errors.JobFailedError: 500,
 }

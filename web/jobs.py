@@ -81,7 +81,8 @@ def create_job():
 @bp.get("/jobs/<job_id>")
 def get_job(job_id):
     """The job; with ``?wait=S``, once it ends or after S seconds."""
-    return jobs.job_to_dict(read_after_wait("job", lambda session: jobs.get_job(session, g.api_key.id, job_id)))
+    return jobs.job_to_dict(read_after_wait(
+        "job", lambda session: jobs.get_job(session, g.api_key.id, job_id, g.api_key.is_operator)))
 
 
 @bp.get("/jobs")
@@ -96,6 +97,6 @@ def list_jobs():
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id):
     session = get_session()
-    job = jobs.cancel_job(session, g.api_key.id, job_id)
+    job = jobs.cancel_job(session, g.api_key.id, job_id, g.api_key.is_operator)
     session.commit()
     return jobs.job_to_dict(job)

@@ -19,6 +19,7 @@ COMPONENTS = [
     (schemas.WebhookAttemptList, "serialization"),
     (schemas.WebhookEventOut, "serialization"),
     (schemas.ModelList, "serialization"),
+    (schemas.UsageReport, "serialization"),
     (schemas.ErrorResponse, "serialization"),
     (schemas.Health, "serialization"),
 ]
@@ -34,11 +35,16 @@ def _json(name, description):
 
 def _errors(*statuses):
     """The error answers of an endpoint; 503 always, as every endpoint behind
-    a key reads the database (code ``database_unavailable``)."""
+    a key reads the database (code ``database_unavailable``), and 429, as
+    every request of a key counts against its ``requests_per_minute``."""
     words = {400: "invalid request; the message names the field", 401: "missing or invalid API key",
+             403: "for operator keys only (operator_only)",
              404: "not found (or not yours)", 409: "conflict", 413: "body too large",
+             429: "over a quota of the key: rate_limited (requests_per_minute; Retry-After: seconds to the "
+                  "minute's end); on submissions also quota_exceeded (max_waiting_rows, max_waiting_tokens; "
+                  "nothing stored) and token_budget_exhausted (Retry-After: seconds to the period's end)",
              503: "the database cannot be reached (database_unavailable); with the broker down, work is still accepted"}
-    return {str(s): _json("ErrorResponse", words[s]) for s in sorted({*statuses, 503})}
+    return {str(s): _json("ErrorResponse", words[s]) for s in sorted({*statuses, 429, 503})}
 
 
 #: What every request body is held to, beyond each field's schema.
@@ -58,6 +64,18 @@ WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0
 PAGE = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
+
+
+USAGE_QUERY = [
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"},
+     "description": "first day, YYYY-MM-DD (default: the first of this month, UTC)"},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"},
+     "description": "last day, included (default: today, UTC)"},
+    {"name": "group_by", "in": "query", "schema": {"type": "string", "enum": ["key", "model", "day"],
+                                                     "default": "model"}},
+    {"name": "all", "in": "query", "schema": {"type": "boolean", "default": False},
+     "description": "every key's usage (operator keys only; 403 operator_only otherwise)"},
 ]
 
 
@@ -182,7 +200,37 @@ def build_openapi():
                 "get": {
                     "summary": "Each model profile: backlog, in-flight requests, SLURM workers by state, "
                                "the autoscaler's last decision and why",
-                    "responses": {"200": _json("ModelList", "every configured model profile"), **_errors(401, 503)},
+                    "responses": {"200": _json("ModelList", "every configured model profile"),
+                                  **_errors(401, 403, 503)},
+                },
+            },
+            "/api/v1/keys/{name}/revoke": {
+                "post": {
+                    "summary": "Revoke a key at once (operator keys only); cancel_work also cancels its "
+                               "unfinished jobs and batches",
+                    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"cancel_work": {"type": "boolean", "default": False}}}}}},
+                    "responses": {
+                        "200": {"description": "the key, revoked", "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["name", "revoked_at", "cancelled_jobs", "cancelled_batches"],
+                            "properties": {"name": {"type": "string"},
+                                           "revoked_at": {"type": "string", "format": "date-time"},
+                                           "cancelled_jobs": {"type": "integer"},
+                                           "cancelled_batches": {"type": "integer"}}}}}},
+                        **_errors(400, 401, 403, 404),
+                    },
+                },
+            },
+            "/api/v1/usage": {
+                "get": {
+                    "summary": "What finished requests used (requests, tokens, engine seconds) per key, model or "
+                               "day (UTC); your key's, or with all=true an operator's key reads every key's",
+                    "parameters": USAGE_QUERY,
+                    "responses": {"200": _json("UsageReport", "the usage, one row per group, and its total"),
+                                  **_errors(400, 401, 403)},
                 },
             },
             **v1_paths(),

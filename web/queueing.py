@@ -1,16 +1,17 @@
 """Submitting work: store it, then put its messages on the broker.
 
-Rows are committed, marked sent, before their messages go out, so a worker
-never gets a message for work it cannot see. Accepted means stored: if the
-broker refuses (or is down), the work is marked unsent and the answer is
-still 202; the dispatcher sends it when the broker is back. If this process
+Jobs are committed, marked sent, before their messages go out, so a worker
+never gets a message for work it cannot see. A batch's rows wait in the
+database for the dispatcher, which sends them by fair share between keys.
+Accepted means stored: if the broker refuses (or is down), the work is
+marked unsent and the answer is still 202; the dispatcher sends it when the broker is back. If this process
 dies between the commit and the send, the dispatcher finds the messages
 missing from the broker and sends them (``queue_engine.dispatch``).
 """
 
 from flask import current_app, g
 
-from queue_engine import batches, jobs, load, targets, tribunal, uploads
+from queue_engine import batches, jobs, load, quotas, targets, tribunal, uploads
 
 from . import metrics
 from .db import get_session
@@ -22,6 +23,7 @@ def submit_job(request_body, idempotency_key=None, kind="single", stream=False):
     session = get_session()
     settings = current_app.extensions["qe_settings"]
     check_webhook_url(request_body, settings)
+    check_quotas(session, quotas.request_waiting(request_body))
     job, created = jobs.create_job(session, g.api_key.id, request_body, settings, idempotency_key, kind=kind,
                                    stream=stream)
     session.commit()
@@ -44,6 +46,7 @@ def submit_tribunal(request_body, idempotency_key=None):
     if request_body.bypass == "auto":
         readings = load.read_backlog(session, tribunal.models_of(request_body))
     decision = tribunal.decide(request_body.bypass, readings, settings.tribunal.bypass_backlog)
+    check_quotas(session, quotas.request_waiting(request_body, 1 if decision.bypassed else len(request_body.candidates)))
     job, steps, created = tribunal.create_tribunal(
         session, g.api_key.id, request_body, settings, decision, idempotency_key)
     first_steps = [(step.id, step.model) for step in steps]
@@ -54,6 +57,15 @@ def submit_tribunal(request_body, idempotency_key=None):
     return job, created
 
 
+def check_quotas(session, added):
+    """Refuse work the key may not add now (``queue_engine.quotas``): over its
+    token budget, or taking it over what it may have waiting. A retry under
+    an ``Idempotency-Key`` counts as new work here, so at the limit it waits
+    for room like any submission."""
+    quotas.check_budget(session, g.api_key)
+    quotas.check_waiting(session, g.api_key, added)
+
+
 def check_webhook_url(request_body, settings):
     """Refuse a ``webhook_url`` the service may not call (``queue_engine.targets``)."""
     if request_body.webhook_url:
@@ -61,14 +73,17 @@ def check_webhook_url(request_body, settings):
 
 
 def submit_batch(request_body, file):
-    """Read ``file`` (a werkzeug ``FileStorage``) into a batch and send its chunks.
+    """Read ``file`` (a werkzeug ``FileStorage``) into a batch; the dispatcher
+    sends its chunks, a fair share at a time (``queue_engine.fairshare``).
 
     The whole file is read in one transaction: a problem with the file
-    (:class:`~queue_engine.errors.InvalidFileError`) rolls everything back.
+    (:class:`~queue_engine.errors.InvalidFileError`), or a batch that takes
+    the key over a quota (``queue_engine.quotas``), rolls everything back.
     """
     session = get_session()
     settings = current_app.extensions["qe_settings"]
     check_webhook_url(request_body, settings)
+    quotas.check_budget(session, g.api_key)
     head = file.stream.read(4096)
     file.stream.seek(0)
     file_format = uploads.detect_format(file.filename, head)
@@ -77,8 +92,8 @@ def submit_batch(request_body, file):
     # is closed (rolled back) when the request ends.
     batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
                                  file_format=file_format, filename=file.filename)
+    quotas.check_waiting(session, g.api_key, quotas.batch_waiting(batch), stored=True)
     session.commit()
-    sender().send(chunks=[(batch.id, chunk, batch.model) for chunk in range(batch.chunks)])
     return batch
 
 

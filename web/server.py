@@ -34,7 +34,8 @@ def embedded_secret_path(settings):
 
 def ensure_embedded_key(settings):
     """On the first start of an empty database, create a key called
-    ``embedded`` and keep it, and its webhook secret, for the owner.
+    ``embedded`` and keep it, and its webhook secret, for the owner. It is
+    an operator key: whoever runs the embedded service owns the install.
 
     Returns:
         The :class:`~queue_engine.apikeys.NewKey` if this call created it, else None.
@@ -43,7 +44,7 @@ def ensure_embedded_key(settings):
     with transaction(sessions) as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):
             return None
-        new_key = create_api_key(session, "embedded")
+        new_key = create_api_key(session, "embedded", is_operator=True)
     for path, value in ((embedded_key_path(settings), new_key.key),
                         (embedded_secret_path(settings), new_key.webhook_secret)):
         path.write_text(value + "\n")

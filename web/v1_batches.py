@@ -4,12 +4,11 @@ batch scripts unchanged."""
 
 from flask import Blueprint, current_app, g
 
-from queue_engine import batches, openai_batches
+from queue_engine import batches, openai_batches, quotas
 
 from .auth import require_api_key
 from .db import get_session
 from .jobs import json_body, query_int, query_text
-from .queueing import sender
 
 bp = Blueprint("v1_batches", __name__, url_prefix="/v1")
 bp.before_request(require_api_key)
@@ -22,11 +21,15 @@ def create_batch():
     settings = current_app.extensions["qe_settings"]
     openai_batches.check_request(settings, body)
     session = get_session()
-    batch = openai_batches.create(session, g.api_key.id, settings, body)
+    quotas.check_budget(session, g.api_key)
+    batch = openai_batches.create(session, g.api_key.id, settings, body, admit=admit_batch)
     session.commit()
-    if batch.chunks:
-        sender().send(chunks=[(batch.id, chunk, batch.model) for chunk in range(batch.chunks)])
     return openai_batches.batch_to_dict(session, batch)
+
+
+def admit_batch(session, batch):
+    """Refuse a batch that takes the key over what it may have waiting (``queue_engine.quotas``)."""
+    quotas.check_waiting(session, g.api_key, quotas.batch_waiting(batch), stored=True)
 
 
 @bp.get("/batches")
@@ -40,12 +43,13 @@ def list_batches():
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id):
     session = get_session()
-    return openai_batches.batch_to_dict(session, batches.get_batch(session, g.api_key.id, batch_id))
+    batch = batches.get_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
+    return openai_batches.batch_to_dict(session, batch)
 
 
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id):
     session = get_session()
-    batch = batches.cancel_batch(session, g.api_key.id, batch_id)
+    batch = batches.cancel_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
     session.commit()
     return openai_batches.batch_to_dict(session, batch)

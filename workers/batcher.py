@@ -15,17 +15,29 @@ batch), and an interactive request shares those steps. So while interactive
 requests are in the engine, at most ``bulk_seats_with_interactive`` bulk rows
 run in each step (the engine holds the others, keeping what they generated);
 once none are, bulk rows fill the engine again.
+
+Engine time: each step's wall time is split evenly between the requests that
+ran in it, and a finished request's :class:`~workers.engine.Generation`
+carries the sum of its shares (``engine_seconds``), so the engine seconds of
+all finished requests add up to the engine's busy time
+(``qe_engine_busy_seconds_total``), less the shares of requests that were
+aborted or failed. The bookkeeping is O(1) per step: the loop keeps a running
+total of what one request paid per lane (a step adds its share to it), and a
+request pays the difference between the total when it ends and when it entered.
 """
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 from queue_engine.errors import EngineRejectedError
 
 from . import metrics
+from .engine import Generation
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +67,13 @@ class EngineLoop:
             interactive requests are in the engine; ``None``: no bound.
             Default: the engine's ``bulk_seats_with_interactive`` attribute
             (VllmEngine takes it from the model profile), else ``None``.
+        clock: seconds, to time engine steps (tests pass their own).
     """
 
-    def __init__(self, engine, idle_wait=0.05, reserve=None, bulk_seats_with_interactive=FROM_ENGINE):
+    def __init__(self, engine, idle_wait=0.05, reserve=None, bulk_seats_with_interactive=FROM_ENGINE,
+                 clock=time.perf_counter):
         self._engine = engine
+        self._clock = clock
         self._idle_wait = idle_wait
         if bulk_seats_with_interactive is FROM_ENGINE:
             bulk_seats_with_interactive = getattr(engine, "bulk_seats_with_interactive", None)
@@ -76,6 +91,10 @@ class EngineLoop:
         self._bulk_waiting = collections.deque()
         self._futures = {}
         self._bulk_in_engine = set()
+        # Engine seconds one request of each lane has paid since the loop
+        # started; a request pays the difference between its end and its entry.
+        self._paid = {"interactive": 0.0, "bulk": 0.0}
+        self._entered = {}  # request id -> the _paid of its lane when it entered the engine
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -139,6 +158,7 @@ class EngineLoop:
     def _abort(self, request_id):
         if self._futures.pop(request_id, None) is not None:
             self._bulk_in_engine.discard(request_id)
+            self._entered.pop(request_id, None)
             self._engine.abort(request_id)
             metrics.REQUESTS.labels("aborted").inc()
         else:
@@ -173,13 +193,18 @@ class EngineLoop:
         self._futures[payload.request_id] = future
         if payload.lane == "bulk":
             self._bulk_in_engine.add(payload.request_id)
+            self._entered[payload.request_id] = self._paid["bulk"]
+        else:
+            self._entered[payload.request_id] = self._paid["interactive"]
 
     def _step(self):
         batch = min(len(self._futures), self._engine.max_num_seqs)
         metrics.BATCH_SIZE.observe(batch)
+        started = self._clock()
         try:
             finished = self._engine.step()
         except Exception as e:
+            metrics.ENGINE_BUSY.inc(self._clock() - started)
             # A broken step fails everything in it; the tasks decide on retries.
             log.exception("engine step failed with %d requests in flight", len(self._futures))
             for request_id, future in self._futures.items():
@@ -188,16 +213,48 @@ class EngineLoop:
             metrics.REQUESTS.labels("error").inc(len(self._futures))
             self._futures.clear()
             self._bulk_in_engine.clear()
+            self._entered.clear()
         else:
+            self._pay(self._clock() - started)
             for request_id, result in finished:
+                lane = "bulk" if request_id in self._bulk_in_engine else "interactive"
                 self._bulk_in_engine.discard(request_id)
                 future = self._futures.pop(request_id, None)
                 if future is not None:
                     metrics.REQUESTS.labels("finished").inc()
-                    future.set_result(result)
+                    entered = self._entered.pop(request_id, self._paid[lane])
+                    future.set_result(with_engine_seconds(result, self._paid[lane] - entered))
         self._report()
+
+    def _pay(self, seconds):
+        """Split one step's ``seconds`` evenly between the requests that ran in it.
+
+        Under a bulk bound only ``limit`` of the bulk rows run (the engine
+        holds the others, and the loop does not know which), so the bulk rows
+        together pay for that many seats, each an equal part; what every
+        request paid still adds up to ``seconds``.
+        """
+        metrics.ENGINE_BUSY.inc(seconds)
+        bulk = len(self._bulk_in_engine)
+        interactive = len(self._futures) - bulk
+        running_bulk = bulk if self._bulk_limit is None else min(bulk, self._bulk_limit)
+        if interactive + running_bulk == 0:
+            running_bulk = bulk  # a bound of 0 with nothing else in the engine: the rows are all there is
+        if interactive + running_bulk == 0:
+            return
+        share = seconds / (interactive + running_bulk)
+        self._paid["interactive"] += share
+        if bulk:
+            self._paid["bulk"] += share * running_bulk / bulk
 
     def _report(self):
         """Set the gauges; after every step, so they read zero once the loop is idle."""
         metrics.IN_FLIGHT.set(len(self._futures))
         metrics.BULK_WAITING.set(len(self._bulk_waiting))
+
+
+def with_engine_seconds(result, seconds):
+    """``result`` carrying its ``engine_seconds`` (a :class:`Generation`; other results pass as they are)."""
+    if isinstance(result, Generation):
+        return dataclasses.replace(result, engine_seconds=seconds)
+    return result

@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 
-from queue_engine import dispatch, keys, openai_batches, recovery, webhooks
+from queue_engine import dispatch, fairshare, keys, openai_batches, recovery, webhooks
 from queue_engine.broker import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 from queue_engine.db import is_unreachable, transaction
 from queue_engine.models import utcnow
@@ -92,17 +92,20 @@ class Dispatcher:
     # --- sending ---------------------------------------------------------------
 
     def send_due(self):
-        """Send every unsent, due job, chunk and webhook event, a page of each at a time.
+        """Send every unsent, due job and webhook event, a page of each at a
+        time, and fill each model's window of batch chunks (``queue_engine.fairshare``).
 
         One transaction marks a page of each kind sent; what the broker then
         refuses is marked unsent again, and the round ends (BrokerDownError).
         """
-        page, now = self.settings.dispatcher.page, utcnow()
+        settings = self.settings
+        page, now = settings.dispatcher.page, utcnow()
         while True:
             with transaction(self.sessions) as session:
                 claimed = {
                     "job": [tuple(job) for job in dispatch.claim_due_jobs(session, now, page)],
-                    "chunk": [tuple(chunk) for chunk in dispatch.claim_due_chunks(session, now, page)],
+                    "chunk": fairshare.claim_fair_chunks(session, now, settings.dispatcher.bulk_window,
+                                                         settings.batches.chunk_rows),
                     "webhook": webhooks.claim_due(session, limit=page, now=now),
                 }
             unsent = {

@@ -60,6 +60,9 @@ class Generation:
     #: Only when asked (n > 1 or logprobs): every choice with its logprobs, for ``Job.output``
     #: (see :func:`queue_engine.completions.response_body`); bulk rows stay without it.
     output: dict | None = None
+    #: Its share of the engine steps it ran in (each step's time split between
+    #: its requests); the engine loop sets it (``workers/batcher.py``).
+    engine_seconds: float | None = None
 
 
 #: Params whose OpenAI meaning differs from vLLM's keyword of the same name; the rest pass through as they are.

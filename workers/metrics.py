@@ -10,6 +10,9 @@ BATCH_SIZE = Histogram(
 IN_FLIGHT = Gauge("qe_engine_in_flight", "Requests the engine loop holds")
 REQUESTS = Counter("qe_engine_requests_total", "Requests the engine loop finished, by outcome", ["outcome"])
 BULK_WAITING = Gauge("qe_engine_bulk_waiting", "bulk rows waiting in the worker for a seat in the engine")
+ENGINE_BUSY = Counter(
+    "qe_engine_busy_seconds_total",
+    "Seconds the engine spent in steps (the sum of step times; finished requests' engine_seconds split it)")
 
 WEBHOOK_ATTEMPTS = Counter(
     "qe_webhook_attempts_total",

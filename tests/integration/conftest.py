@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from queue_engine.client import Client
-from queue_engine.db import make_sessions, upgrade_database
+from queue_engine.db import make_sessions, transaction, upgrade_database
+from queue_engine.models import ApiKey
 from queue_engine.settings import load_settings
 from tests.conftest import make_key, new_postgres_database
 from slurm.commands import Slurm
@@ -127,8 +128,12 @@ class Cluster:
         wait_until_serving(self.delivery_url, process, log_path, 60)
         return process
 
-    def new_client(self):
-        key, _ = make_key(self.sessions, f"k-{secrets.token_hex(4)}")
+    def new_client(self, operator=False):
+        """A client with a new key of its own; an ``operator``'s may read ``/api/v1/models``."""
+        key, owner_id = make_key(self.sessions, f"k-{secrets.token_hex(4)}")
+        if operator:
+            with transaction(self.sessions) as session:
+                session.get(ApiKey, owner_id).is_operator = True
         return Client(self.url, key.key)
 
     def start_worker(self, wait=True, model="tiny"):

@@ -59,7 +59,7 @@ def allocations_of(cluster, model):
 
 
 def submit_jobs(cluster, model, count):
-    client = cluster.new_client()
+    client = cluster.new_client(operator=True)  # it reads /api/v1/models too
     for _ in range(count):
         client.submit_job({"model": model, "prompt": "x"})
     return client
@@ -138,7 +138,7 @@ def test_when_slurm_cannot_be_read_the_models_list_says_so(scaled, local_slurm):
     scaler.slurm = Slurm(timeout=5, env={"SLURM_CONF": "/nonexistent/slurm.conf"})
     with pytest.raises(SlurmError, match="squeue"):
         scaler.step()
-    scaling = cluster.new_client().models()["blind"]["scaling"]
+    scaling = cluster.new_client(operator=True).models()["blind"]["scaling"]
     assert scaling["action"] == "wait" and scaling["reason"].startswith("cannot read SLURM's queue: squeue")
     with transaction(cluster.sessions) as session:
         assert allocations.active(session, scaler.deployment, "blind") == []
@@ -149,7 +149,7 @@ def test_a_refused_submission_counts_as_a_failed_start_with_slurms_reason(scaled
     submit_jobs(cluster, "greedy", 1)
     scaler.step()
     assert allocations_of(cluster, "greedy") == []
-    scaling = cluster.new_client().models()["greedy"]["scaling"]
+    scaling = cluster.new_client(operator=True).models()["greedy"]["scaling"]
     assert (scaling["state"], scaling["failures"]) == ("backoff", 1)
     assert "sbatch --parsable failed" in scaling["last_failure"]
     assert "Requested node configuration is not available" in scaling["last_failure"]
@@ -259,7 +259,7 @@ def test_a_worker_that_ignores_the_stop_signal_is_killed_after_stop_grace(scaled
                                      "target_backlog_per_worker = 1\n"
                                      "setup = [\"trap '' TERM\", \"sleep 600\"]\n",
                              idle_grace=0, stop_grace=1)
-    client = cluster.new_client()
+    client = cluster.new_client(operator=True)
     job = client.submit_job({"model": "deaf", "prompt": "x"})
 
     def stepped(predicate):

@@ -1,5 +1,6 @@
 """A 100,000-row upload to a real `queue-engine serve` (PostgreSQL, Redis):
-accepted whole, every row stored and carried by a chunk message, and the
+accepted whole, every row stored in a chunk, the broker given only the
+bulk window's few chunks of it (the rest wait for their fair share), and the
 server's peak memory stays bounded (the file is never held whole)."""
 
 import math
@@ -11,7 +12,7 @@ from sqlalchemy import func, select
 
 from queue_engine.client import Client
 from queue_engine.db import make_sessions
-from queue_engine.models import Job
+from queue_engine.models import BatchChunk, Job
 from tests.conftest import make_key
 from tests.helpers import free_port, spawn, stop_process, wait_until
 
@@ -55,7 +56,7 @@ def server(tmp_path, redis_server, cluster_database_url):
     broker.close()
 
 
-def test_a_100k_row_upload_is_stored_and_sent_with_bounded_memory(server, cluster_database_url, tmp_path):
+def test_a_100k_row_upload_is_stored_with_bounded_memory_and_sent_a_window_at_a_time(server, cluster_database_url, tmp_path):
     process, url, broker = server
     sessions = make_sessions(cluster_database_url)
     key, _ = make_key(sessions, "bulk-uploader")
@@ -71,6 +72,9 @@ def test_a_100k_row_upload_is_stored_and_sent_with_bounded_memory(server, cluste
     with sessions() as session:
         stored = session.scalar(select(func.count(Job.id)).where(Job.batch_id == batch["id"]))
     assert stored == ROWS
-    assert broker.llen("qe.tiny.bulk") == math.ceil(ROWS / 64), "one message per chunk of 64 rows"
+    with sessions() as session:
+        chunks = dict(session.execute(select(BatchChunk.state, func.count()).group_by(BatchChunk.state)).all())
+    assert sum(chunks.values()) == math.ceil(ROWS / 64), "one chunk per 64 rows"
+    wait_until(lambda: broker.llen("qe.tiny.bulk") == 4, 10, "the dispatcher to fill the bulk window (4 chunks)")
     assert peak_rss_mb(process.pid) <= PEAK_RSS_LIMIT_MB
     sessions.kw["bind"].dispose()

@@ -55,18 +55,30 @@ def test_apikey_cache_skips_the_lookup_within_the_ttl(sessions, counting):
     assert counting.calls == 1
 
 
-def test_apikey_cache_revocation_takes_effect_after_the_ttl(sessions, counting):
-    """A revoked key works until its entry expires, then is refused."""
+def test_apikey_cache_revocation_takes_effect_within_the_check_interval(sessions, counting):
+    """A revoked key is refused at the first look at the keys' signature after
+    the revocation (every 0.2 s), long before its entry's TTL runs out."""
     key, owner_id = make_key(sessions, "alice")
     clock = Clock()
     cache = ApiKeyCache(5, clock=clock)
     assert cache.find(counting, key.key) is not None
     revoke(sessions, owner_id)
-    clock.now += 4.9
-    assert cache.find(counting, key.key) is not None
-    clock.now += 0.2
+    clock.now += 0.1
+    assert cache.find(counting, key.key) is not None  # within the interval: no look yet
+    clock.now += 0.15
     assert cache.find(counting, key.key) is None
-    assert counting.calls == 2
+
+
+def test_apikey_cache_sees_new_limits_within_the_check_interval(sessions, counting):
+    """Limits set on a cached key are in its identity from the next look, not after the TTL."""
+    key, owner_id = make_key(sessions, "alice")
+    clock = Clock()
+    cache = ApiKeyCache(5, clock=clock)
+    assert cache.find(counting, key.key).max_waiting_rows is None
+    with transaction(sessions) as session:
+        session.execute(update(ApiKey).where(ApiKey.id == owner_id).values(max_waiting_rows=7))
+    clock.now += 0.2
+    assert cache.find(counting, key.key) == KeyIdentity(owner_id, "alice", max_waiting_rows=7)
 
 
 def test_apikey_cache_does_not_keep_unknown_keys(sessions, counting):

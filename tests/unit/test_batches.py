@@ -14,7 +14,7 @@ from queue_engine.models import Batch, BatchChunk, Job, utcnow
 from queue_engine.schemas import BatchCreate
 from queue_engine.uploads import Upload, read_rows
 from tests.conftest import make_key
-from tests.work import Generated
+from tests.work import Generated, send_chunks
 
 LEASE = 30
 MAX_ATTEMPTS = 2
@@ -25,12 +25,17 @@ def owner(sessions):
     return make_key(sessions, "alice")[1]
 
 
-def new_batch(sessions, settings, owner, prompts):
+def new_batch(sessions, settings, owner, prompts, send=True):
+    """A batch of ``prompts``, its chunks sent (as the dispatcher sends them) unless ``send`` is false."""
     request = BatchCreate(model="tiny")
     data = io.BytesIO(("prompt\n" + "".join(f"{p}\n" for p in prompts)).encode())
     reader = read_rows(data, "csv", Upload.from_request(request, settings))
     with transaction(sessions) as session:
-        return batches.create_batch(session, owner, settings, request, reader, file_format="csv", filename="x.csv")
+        batch = batches.create_batch(session, owner, settings, request, reader, file_format="csv", filename="x.csv")
+    if send:
+        with transaction(sessions) as session:
+            send_chunks(session, settings)
+    return batch
 
 
 def claim(sessions, batch_id, chunk=0, worker="w1"):
@@ -66,11 +71,12 @@ def worker_died(sessions, settings, batch_id):
                                           utcnow())
 
 
-def test_a_new_batch_records_its_chunks_as_sent(sessions, settings, owner):
-    """The upload's transaction records one outbox row per chunk, marked sent (the web sends after commit)."""
+def test_a_new_batch_records_its_chunks_pending_for_the_dispatcher(sessions, settings, owner):
+    """The upload's transaction records one outbox row per chunk, pending: the
+    dispatcher sends them a window at a time, by fair share."""
     settings = settings.model_copy(update={"batches": settings.batches.model_copy(update={"chunk_rows": 2})})
-    batch = new_batch(sessions, settings, owner, ["a", "b", "c", "d", "e"])
-    assert batch.chunks == 3 and chunk_states(sessions, batch.id) == {0: "sent", 1: "sent", 2: "sent"}
+    batch = new_batch(sessions, settings, owner, ["a", "b", "c", "d", "e"], send=False)
+    assert batch.chunks == 3 and chunk_states(sessions, batch.id) == {0: "pending", 1: "pending", 2: "pending"}
 
 
 def test_a_chunk_is_claimed_once(sessions, settings, owner):

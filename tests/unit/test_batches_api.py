@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from queue_engine import keys
-from queue_engine.models import Batch, Job
+from queue_engine.models import Batch, BatchChunk, Job
 from tests.conftest import make_key
 from tests.helpers import assert_matches_openapi
 
@@ -45,7 +45,7 @@ def stored(app):
         return session.scalar(select(func.count(Batch.id))), session.scalar(select(func.count(Job.id)))
 
 
-def test_an_upload_stores_every_row_and_sends_one_message_per_chunk(make_app, auth_for, broker, spec):
+def test_an_upload_stores_every_row_in_chunks_for_the_dispatcher(make_app, auth_for, broker, spec):
     app = make_app(batches={"chunk_rows": 4})
     client, auth = app.test_client(), auth_for(app)
     response = upload(client, auth, csv_text([(f"r{i}", f"prompt {i}") for i in range(10)] + [("r10", "  ")]))
@@ -55,8 +55,13 @@ def test_an_upload_stores_every_row_and_sends_one_message_per_chunk(make_app, au
     assert batch["status"] == "in_progress"
     assert batch["request_counts"] == {"total": 11, "completed": 0, "failed": 1, "cancelled": 0}
     assert (batch["format"], batch["filename"], batch["model"]) == ("csv", "rows.csv", "tiny")
-    # 10 runnable rows in chunks of 4: three messages, not eleven.
-    assert chunk_messages(broker) == [{"batch_id": batch["id"], "chunk": n} for n in range(3)]
+    # 10 runnable rows in chunks of 4: three chunks, not eleven, left for the
+    # dispatcher to send by fair share (the upload sends none itself).
+    assert chunk_messages(broker) == []
+    with app.extensions["qe_sessions"]() as session:
+        states = session.execute(select(BatchChunk.chunk, BatchChunk.state)
+                                 .where(BatchChunk.batch_id == batch["id"]).order_by(BatchChunk.chunk)).all()
+    assert [tuple(state) for state in states] == [(0, "pending"), (1, "pending"), (2, "pending")]
     with app.extensions["qe_sessions"]() as session:
         rows = session.execute(select(Job.row_index, Job.custom_id, Job.status, Job.chunk, Job.lane, Job.kind)
                                .where(Job.batch_id == batch["id"]).order_by(Job.row_index)).all()

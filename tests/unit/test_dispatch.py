@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from queue_engine import batches, dispatch, jobs, webhooks
+from queue_engine import batches, dispatch, fairshare, jobs, webhooks
 from queue_engine.db import transaction
 from queue_engine.errors import InvalidTransitionError
 from queue_engine.models import BatchChunk, Job, WebhookEvent, utcnow
@@ -35,12 +35,19 @@ def new_jobs(sessions, settings, owner, count, **fields):
 
 
 def new_batch(sessions, settings, owner, rows, chunk_rows=2):
+    """A batch of ``rows`` rows whose chunks the dispatcher has sent."""
     settings = settings.model_copy(update={"batches": settings.batches.model_copy(update={"chunk_rows": chunk_rows})})
     request = BatchCreate(model="tiny")
     data = io.BytesIO(("prompt\n" + "".join(f"row {n}\n" for n in range(rows))).encode())
     with transaction(sessions) as session:
-        return batches.create_batch(session, owner, settings, request, read_rows(data, "csv", Upload.from_request(
+        batch = batches.create_batch(session, owner, settings, request, read_rows(data, "csv", Upload.from_request(
             request, settings)), file_format="csv", filename="f.csv")
+    send_chunks(sessions)
+    return batch
+
+
+def send_chunks(sessions):
+    return in_session(sessions, lambda session: fairshare.claim_fair_chunks(session, utcnow(), 1000, 2))
 
 
 def in_session(sessions, work):
@@ -78,17 +85,6 @@ def test_a_tribunal_row_is_never_sent_only_its_steps(sessions, settings, owner):
     in_session(sessions, lambda session: dispatch.release_jobs(session, [parent.id, steps[0].id]))
     claimed = in_session(sessions, lambda session: dispatch.claim_due_jobs(session, utcnow(), 10))
     assert claimed == [(steps[0].id, "tiny")]
-
-
-def test_due_chunks_are_sent_oldest_batch_first(sessions, settings, owner):
-    older, newer = new_batch(sessions, settings, owner, 3), new_batch(sessions, settings, owner, 2)
-    for batch in (newer, older):
-        in_session(sessions, lambda session: dispatch.release_chunks(
-            session, [(batch.id, chunk) for chunk in range(batch.chunks)]))
-    claimed = in_session(sessions, lambda session: dispatch.claim_due_chunks(session, utcnow(), 2))
-    assert claimed == [(older.id, 0, "tiny"), (older.id, 1, "tiny")]
-    claimed = in_session(sessions, lambda session: dispatch.claim_due_chunks(session, utcnow(), 10))
-    assert claimed == [(newer.id, 0, "tiny")]
 
 
 def test_the_chunk_state_table_is_enforced(sessions):
@@ -145,8 +141,7 @@ def test_chunks_the_broker_is_missing_are_the_oldest_sent(sessions, settings, ow
         missing = dispatch.unaccounted_chunks(session, "tiny", 1, utcnow())
     assert {key for key, _ in missing} == {(batch.id, 0), (batch.id, 1)}
     in_session(sessions, lambda session: dispatch.release_lost_chunks(session, missing))
-    claimed = in_session(sessions, lambda session: dispatch.claim_due_chunks(session, utcnow(), 10))
-    assert claimed == [(batch.id, 0, "tiny"), (batch.id, 1, "tiny")]
+    assert send_chunks(sessions) == [(batch.id, 0, "tiny"), (batch.id, 1, "tiny")]
 
 
 def test_a_loss_found_by_two_dispatchers_is_sent_again_once(sessions, settings, owner):

@@ -22,7 +22,7 @@ from queue_engine.models import Batch, BatchChunk, Job, WebhookEvent, utcnow
 from queue_engine.schemas import BatchCreate, JobCreate, TribunalCreate
 from queue_engine.uploads import Upload, read_rows
 from tests.conftest import make_key
-from tests.work import Generated
+from tests.work import Generated, send_chunks
 
 LEASE = 30
 HOOK = "https://hooks.example.org/qe"
@@ -50,14 +50,16 @@ def new_tribunal(sessions, settings, owner):
 
 
 def new_batch(sessions, settings, owner, prompts, webhook_url=None, chunk_rows=64):
-    """A batch of ``prompts``, ``chunk_rows`` to a chunk (in the prompts' order)."""
+    """A batch of ``prompts``, ``chunk_rows`` to a chunk (in the prompts' order), its chunks sent."""
     settings = settings.model_copy(update={"batches": settings.batches.model_copy(update={"chunk_rows": chunk_rows})})
     request = BatchCreate(model="tiny", webhook_url=webhook_url)
     data = io.BytesIO(("prompt\n" + "".join(f"{prompt}\n" for prompt in prompts)).encode())
     with transaction(sessions) as session:
-        return batches.create_batch(session, owner, settings, request,
-                                    read_rows(data, "csv", Upload.from_request(request, settings)),
-                                    file_format="csv", filename="rows.csv").id
+        batch_id = batches.create_batch(session, owner, settings, request,
+                                        read_rows(data, "csv", Upload.from_request(request, settings)),
+                                        file_format="csv", filename="rows.csv").id
+        send_chunks(session, settings)
+    return batch_id
 
 
 # --- the worker's side ---------------------------------------------------------
