@@ -27,6 +27,7 @@ def make_engine(url):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=40)
         event.listen(engine, "connect", _tune_sqlite)
+        event.listen(engine, "savepoint", _begin_before_savepoint)
         return engine
     return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
 
@@ -37,6 +38,15 @@ def _tune_sqlite(dbapi_connection, connection_record):
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _begin_before_savepoint(connection, name):
+    """Python's sqlite3 begins a transaction only before a write, so a
+    SAVEPOINT that comes first runs outside any, and its RELEASE commits
+    what the outer transaction may yet roll back. Begin it first."""
+    driver_connection = connection.connection.dbapi_connection
+    if not driver_connection.in_transaction:
+        driver_connection.execute("BEGIN")
 
 
 def make_session_factory(engine):

@@ -6,7 +6,7 @@ small window of each model's chunks, and as workers take them, the
 dispatcher fills the window again from here. The window is at least
 ``dispatcher.bulk_window`` chunks, and as many as the model's workers took
 in the last ``AHEAD_SECONDS``, so fast workers never wait for it, and a
-newcomer's chunk waits behind about a second of work at most. So
+newcomer's chunk waits behind about half a second of work at most. So
 the order the workers see is decided late, by share, not at upload:
 
 - each key with bulk work waiting for a model gets a part of that model's
@@ -39,7 +39,7 @@ from .dispatch import ChunkState, chunk_transition
 from .models import ApiKey, Batch, BatchChunk, Job
 
 #: The window holds about this many seconds of what the workers take.
-AHEAD_SECONDS = 1.0
+AHEAD_SECONDS = 0.5
 #: Takes are counted over this many seconds.
 RATE_SECONDS = 2.0
 

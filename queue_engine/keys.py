@@ -42,3 +42,22 @@ BROKER_MARKER = f"{PREFIX}:broker-marker"
 #: Celery task names, so the web can ``send_task`` without importing workers.
 RUN_JOB_TASK = "queue_engine.run_job"
 DELIVER_WEBHOOK_TASK = "queue_engine.deliver_webhook"
+
+
+def rate_key(key_id, window_number):
+    """The Redis key counting the requests of API key ``key_id`` in one window.
+
+    >>> rate_key(7, 29500000)
+    'qe:rate:7:29500000'
+    """
+    return f"{PREFIX}:rate:{key_id}:{window_number}"
+
+
+def stream_key(job_id):
+    """The Redis Stream of a streamed job's events (``queue_engine.streams``)."""
+    return f"{PREFIX}:stream:{job_id}"
+
+
+def cancel_key(job_id):
+    """The flag a streamed job's reader raises when it goes away."""
+    return f"{PREFIX}:cancel:{job_id}"

@@ -33,11 +33,11 @@ from . import batches, jobs, tribunal, usage
 from .dispatch import take_chunk
 from .errors import EngineRejectedError
 from .jobs import JobState, transition_statement
-from .models import Batch, Job, utcnow
+from .models import ApiKey, Batch, Job, utcnow
 
 #: What a worker needs of an item it claimed.
 CLAIMED_COLUMNS = (Job.id, Job.model, Job.lane, Job.prompt, Job.messages, Job.params, Job.attempts,
-                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url, Job.stream)
+                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url, Job.stream, Job.owner_id)
 
 
 class Item(NamedTuple):
@@ -57,6 +57,9 @@ class Item(NamedTuple):
     webhook_url: str | None = None
     #: Its reader wants the text as it is generated (``queue_engine.streams``).
     stream: bool = False
+    owner_id: int | None = None
+    #: Its key's share of the bulk lane (batch rows only; ``queue_engine.fairshare``).
+    share: float = 1.0
 
     @property
     def request_id(self):
@@ -121,8 +124,10 @@ def claim(session, worker, lease_seconds, job_ids=(), chunks=()):
         take_chunk(session, batch_id, chunk)
         rows += _claim_where(session, worker, lease_seconds, [Job.batch_id == batch_id, Job.chunk == chunk])
     batch_params = _batch_params(session, {row.batch_id for row in rows if row.batch_id is not None})
+    shares = _shares(session, {row.owner_id for row in rows if row.batch_id is not None})
     return [
-        Item(**{**row._mapping, "params": {**batch_params.get(row.batch_id, {}), **(row.params or {})}})
+        Item(**{**row._mapping, "params": {**batch_params.get(row.batch_id, {}), **(row.params or {})},
+                "share": shares.get(row.owner_id, 1.0)})
         for row in rows
     ]
 
@@ -138,6 +143,12 @@ def _batch_params(session, batch_ids):
     if not batch_ids:
         return {}
     return dict(session.execute(select(Batch.id, Batch.params).where(Batch.id.in_(batch_ids))).all())
+
+
+def _shares(session, owner_ids):
+    if not owner_ids:
+        return {}
+    return dict(session.execute(select(ApiKey.id, ApiKey.share).where(ApiKey.id.in_(owner_ids))).all())
 
 
 # --- renewing ------------------------------------------------------------------

@@ -19,21 +19,12 @@ import time
 import redis
 
 from .errors import RateLimitedError
-from .keys import PREFIX
+from .keys import rate_key
 
 log = logging.getLogger(__name__)
 
 #: The window, seconds; ``requests_per_minute`` counts requests per window.
 WINDOW_SECONDS = 60
-
-
-def rate_key(key_id, window_number):
-    """The Redis key counting the requests of API key ``key_id`` in one window.
-
-    >>> rate_key(7, 29500000)
-    'qe:rate:7:29500000'
-    """
-    return f"{PREFIX}:rate:{key_id}:{window_number}"
 
 
 class RateLimiter:

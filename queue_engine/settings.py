@@ -199,9 +199,9 @@ class DispatcherSettings(_Frozen):
         description="seconds between checks of the broker (lost data, lost messages) and of expired leases")
     page: int = Field(1000, ge=1, description="most messages one look sends")
     bulk_window: int = Field(
-        4, ge=1, le=10000,
+        2, ge=1, le=10000,
         description="the fewest chunks of one model's batch rows the broker holds at once (more while its workers "
-                    "take more than that a second); the rest wait in the database and go out by fair share between "
+                    "take more than that in half a second); the rest wait in the database and go out by fair share between "
                     "keys as workers take these")
 
 
@@ -242,7 +242,8 @@ class Settings(_Frozen):
     wait_interval: float = Field(
         0.15, gt=0, le=10, description="seconds between a web process's looks for waited-on items that ended")
     api_key_cache_seconds: float = Field(
-        5.0, ge=0, description="how long a web process trusts an API key it looked up (a revocation waits this long)")
+        5.0, ge=0, description="how long a web process trusts an API key it looked up; a revocation or new limits "
+                              "still reach it within 0.2 s (apikeys.ApiKeyCache)")
     web_threads: int = Field(
         64, ge=1, le=10000,
         description="request threads per web process; a long-poll holds one while it waits")

@@ -29,19 +29,13 @@ import time
 
 import redis
 
+from .keys import cancel_key, stream_key
+
 #: Seconds a job's events and cancel flag live after their last write.
 TTL_SECONDS = 300
 #: Events kept per job (a longer answer drops its oldest deltas; the reader
 #: then takes the rest of the text from the database).
 MAX_EVENTS = 100_000
-
-
-def stream_key(job_id):
-    return f"qe:stream:{job_id}"
-
-
-def cancel_key(job_id):
-    return f"qe:cancel:{job_id}"
 
 
 class RedisStreams:

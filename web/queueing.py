@@ -11,7 +11,7 @@ missing from the broker and sends them (``queue_engine.dispatch``).
 
 from flask import current_app, g
 
-from queue_engine import batches, jobs, load, quotas, targets, tribunal, uploads
+from queue_engine import batches, faults, jobs, load, quotas, targets, tribunal, uploads
 
 from . import metrics
 from .db import get_session
@@ -94,6 +94,7 @@ def submit_batch(request_body, file):
                                  file_format=file_format, filename=file.filename)
     quotas.check_waiting(session, g.api_key, quotas.batch_waiting(batch), stored=True)
     session.commit()
+    faults.crash_point(settings, faults.AFTER_COMMIT)  # its rows wait for a dispatcher: nothing lost
     return batch
 
 

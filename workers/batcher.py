@@ -8,7 +8,10 @@ instead of waiting for the whole batch to finish.
 
 Two lanes share the engine. Interactive requests enter it at the next step,
 always. Bulk rows (batch chunks) wait in the loop and enter while the engine
-runs fewer than ``max_num_seqs - reserve`` requests.
+runs fewer than ``max_num_seqs - reserve`` requests; the next free seat goes
+to the key with the fewest rows in the engine per unit of its share
+(``queue_engine.fairshare.SeatQueue``), so a key whose rows just arrived does
+not wait behind every row the worker already holds for another.
 
 A full batch makes every step slow (on a CPU, step time grows with the
 batch), and an interactive request shares those steps. So while interactive
@@ -26,7 +29,6 @@ total of what one request paid per lane (a step adds its share to it), and a
 request pays the difference between the total when it ends and when it entered.
 """
 
-import collections
 import dataclasses
 import logging
 import queue
@@ -35,6 +37,7 @@ import time
 from concurrent.futures import Future
 
 from queue_engine.errors import EngineRejectedError
+from queue_engine.fairshare import SeatQueue
 
 from . import metrics
 from .engine import Generation
@@ -88,7 +91,8 @@ class EngineLoop:
         self._bulk_with_interactive = bulk_seats_with_interactive
         self._bulk_limit = None  # the bound the engine was last given
         self._inbox = queue.SimpleQueue()
-        self._bulk_waiting = collections.deque()
+        # Bulk rows waiting for a seat: the next goes to the key furthest below its share.
+        self._bulk_waiting = SeatQueue()
         self._futures = {}
         self._bulk_in_engine = set()
         # Engine seconds one request of each lane has paid since the loop
@@ -135,7 +139,7 @@ class EngineLoop:
             if self._futures:
                 self._step()
         stopped = EngineLoopStopped("the engine loop stopped")
-        for future in [*self._futures.values(), *(future for _, future in self._bulk_waiting)]:
+        for future in [*self._futures.values(), *(future for _, future in self._bulk_waiting.entries())]:
             future.set_exception(stopped)
 
     def _take_new_requests(self, block):
@@ -151,27 +155,23 @@ class EngineLoop:
         if action == "abort":
             self._abort(payload)
         elif payload.lane == "bulk":
-            self._bulk_waiting.append((payload, future))
+            self._bulk_waiting.push(payload.request_id, payload.tenant, payload.share, (payload, future))
         else:
             self._add(payload, future)
 
     def _abort(self, request_id):
         if self._futures.pop(request_id, None) is not None:
-            self._bulk_in_engine.discard(request_id)
+            self._left_engine(request_id)
             self._entered.pop(request_id, None)
             self._engine.abort(request_id)
             metrics.REQUESTS.labels("aborted").inc()
-        else:
-            for item in self._bulk_waiting:
-                if item[0].request_id == request_id:
-                    self._bulk_waiting.remove(item)
-                    metrics.REQUESTS.labels("aborted").inc()
-                    break
+        elif self._bulk_waiting.remove(request_id) is not None:
+            metrics.REQUESTS.labels("aborted").inc()
         self._report()
 
     def _seat_bulk_rows(self):
         while self._bulk_waiting and len(self._futures) < self._bulk_seats:
-            self._add(*self._bulk_waiting.popleft())
+            self._add(*self._bulk_waiting.pop())
 
     def _limit_bulk(self):
         """Bound the bulk rows in each step while interactive requests are in the engine."""
@@ -188,6 +188,7 @@ class EngineLoop:
             self._engine.add(payload)
         except EngineRejectedError as e:
             metrics.REQUESTS.labels("rejected").inc()
+            self._bulk_waiting.left(payload.request_id)
             future.set_exception(e)
             return
         self._futures[payload.request_id] = future
@@ -211,20 +212,27 @@ class EngineLoop:
                 self._engine.abort(request_id)
                 future.set_exception(e)
             metrics.REQUESTS.labels("error").inc(len(self._futures))
+            for request_id in list(self._bulk_in_engine):
+                self._left_engine(request_id)
             self._futures.clear()
-            self._bulk_in_engine.clear()
             self._entered.clear()
         else:
             self._pay(self._clock() - started)
             for request_id, result in finished:
                 lane = "bulk" if request_id in self._bulk_in_engine else "interactive"
-                self._bulk_in_engine.discard(request_id)
+                self._left_engine(request_id)
                 future = self._futures.pop(request_id, None)
                 if future is not None:
                     metrics.REQUESTS.labels("finished").inc()
                     entered = self._entered.pop(request_id, self._paid[lane])
                     future.set_result(with_engine_seconds(result, self._paid[lane] - entered))
         self._report()
+
+    def _left_engine(self, request_id):
+        """A request is out of the engine (ended, aborted or failed): a bulk row frees its key's seat."""
+        if request_id in self._bulk_in_engine:
+            self._bulk_in_engine.discard(request_id)
+            self._bulk_waiting.left(request_id)
 
     def _pay(self, seconds):
         """Split one step's ``seconds`` evenly between the requests that ran in it.

@@ -45,6 +45,10 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list | None = None
     lane: str = "interactive"
+    #: A bulk row's key and its share: rows waiting for a seat get them by share
+    #: between keys (``queue_engine.fairshare.SeatQueue``).
+    tenant: object = None
+    share: float = 1.0
     #: For a streamed job: called from the engine loop after each step that produced
     #: text, with ``[(choice index, new text, its tokens' logprobs or None)]``. It
     #: must return at once (it hands the text to another thread).

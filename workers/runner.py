@@ -178,7 +178,8 @@ class Runner:
         if item.stream and self.runtime.publisher is not None:
             on_delta = self.runtime.publisher.started(item)
         request = GenerationRequest(request_id=item.request_id, params=item.params, prompt=item.prompt,
-                                    messages=item.messages, lane=item.lane, on_delta=on_delta)
+                                    messages=item.messages, lane=item.lane, tenant=item.owner_id, share=item.share,
+                                    on_delta=on_delta)
         try:
             future = self.runtime.loop.submit(request)
         except Exception as e:

@@ -75,6 +75,6 @@ def test_a_100k_row_upload_is_stored_with_bounded_memory_and_sent_a_window_at_a_
     with sessions() as session:
         chunks = dict(session.execute(select(BatchChunk.state, func.count()).group_by(BatchChunk.state)).all())
     assert sum(chunks.values()) == math.ceil(ROWS / 64), "one chunk per 64 rows"
-    wait_until(lambda: broker.llen("qe.tiny.bulk") == 4, 10, "the dispatcher to fill the bulk window (4 chunks)")
+    wait_until(lambda: broker.llen("qe.tiny.bulk") == 2, 10, "the dispatcher to fill the bulk window (2 chunks)")
     assert peak_rss_mb(process.pid) <= PEAK_RSS_LIMIT_MB
     sessions.kw["bind"].dispose()

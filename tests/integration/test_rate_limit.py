@@ -6,7 +6,7 @@ import redis
 
 from queue_engine import apikeys
 from queue_engine.db import make_sessions, transaction, upgrade_database
-from queue_engine.ratelimit import rate_key
+from queue_engine.keys import rate_key
 from queue_engine.settings import load_settings
 from tests.conftest import make_key
 from web import create_app

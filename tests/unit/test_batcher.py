@@ -193,6 +193,26 @@ def test_bulk_rows_take_the_seats_that_free_up(engine, loop):
     assert sum(sizes) == 130 and max(sizes) == 60
 
 
+def test_a_newcomers_rows_take_the_next_seats_ahead_of_rows_the_worker_already_held(engine, loop):
+    """Seats go by share between keys, not by arrival: bob's rows, arriving
+    behind 60 of alice's waiting ones, share the very next step with hers."""
+    def row(name, tenant):
+        return GenerationRequest(request_id=name, params={"steps": 1}, prompt="hi", lane="bulk", tenant=tenant)
+
+    engine.gated = True
+    for i in range(120):
+        loop.submit(row(f"a{i:03}", "alice"))
+    wait_until(lambda: loop.bulk_waiting == 60, 5, "60 of alice's rows seated, 60 waiting")
+    bob = [f"b{i:02}" for i in range(20)]
+    for name in bob:
+        loop.submit(row(name, "bob"))
+    engine.step_gate.release()  # step 1: alice's first 60
+    engine.step_gate.release()  # step 2
+    wait_until(lambda: len(engine.batches) >= 2, 5, "the second step")
+    assert set(bob) <= set(engine.batches[1]), "every row of bob's is in the next step"
+    assert sum(name.startswith("a") for name in engine.batches[1]) == 40
+
+
 def test_a_waiting_bulk_row_can_be_aborted(engine, loop):
     engine.gated = True
     for i in range(61):

@@ -148,16 +148,16 @@ def test_pick_gives_each_place_to_the_key_furthest_below_its_share():
 
 
 def test_the_window_grows_to_what_the_workers_take_in_a_second(sessions, settings, keys):
-    """Fast workers never wait for the window: it holds about a second of
-    what they took (counted over two), and never less than its least."""
+    """Fast workers never wait for the window: it holds about half a second
+    of what they took (counted over two), and never less than its least."""
     new_batch(sessions, settings, keys[0], 200)
     for _ in range(3):
         take(sessions, fill_window(sessions, 4))  # 12 chunks taken just now
     with sessions() as session:
-        assert fairshare.windows(session, ["tiny", "idle"], utcnow(), 4) == {"tiny": 6, "idle": 4}
+        assert fairshare.windows(session, ["tiny", "idle"], utcnow(), 2) == {"tiny": 3, "idle": 2}
         later = utcnow() + timedelta(seconds=fairshare.RATE_SECONDS + 1)
-        assert fairshare.windows(session, ["tiny"], later, 4) == {"tiny": 4}, "old takes no longer count"
-    assert len(fill_window(sessions, 4)) == 6
+        assert fairshare.windows(session, ["tiny"], later, 2) == {"tiny": 2}, "old takes no longer count"
+    assert len(fill_window(sessions, 2)) == 3
 
 
 # --- in the worker: seats in the engine ------------------------------------------
