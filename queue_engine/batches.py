@@ -117,6 +117,7 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
         id=new_id("batch"), owner_id=owner_id, model=request.model, status=BatchState.IN_PROGRESS.value,
         input_format=file_format, filename=filename, id_column=reader.id_header,
         params=request.params.model_dump(), webhook_url=request.webhook_url,
+        options=batch_options(request, reader.upload),
         total=0, completed=0, failed=0, cancelled=0, chunks=0, planned_tokens=0, created_at=now,
     )
     session.add(batch)
@@ -132,6 +133,8 @@ def create_batch(session, owner_id, settings, request, reader, *, file_format, f
         batch.planned_tokens += planned_tokens(window, request.params.max_tokens)
     # The reader learns from the header which column holds the ids.
     batch.id_column = reader.id_header
+    if reader.upload.keep_columns:
+        batch.columns = reader.header
     session.flush()
     dispatch.add_chunks(session, batch.id, batch.model, batch.chunks)
     settle(session, batch.id)
@@ -149,6 +152,60 @@ def row_values(batch, row, now):
         "batch_id": batch.id, "row_index": row.index, "custom_id": row.custom_id, "chunk": None,
         "attempts": 0, "created_at": now, "finished_at": now if failed else None,
         "error_code": row.error[0] if failed else None, "error_message": row.error[1] if failed else None,
+        "cells": row.cells,
+    }
+
+
+def batch_options(request, upload):
+    """``Batch.options``: how the rows were made (the upload's CSV-only
+    fields) and how the results read (``samples``), or None when the
+    request set none of them."""
+    options = dict(upload.options or {})
+    if "samples" in request.model_fields_set:
+        options["samples"] = request.samples
+    return options or None
+
+
+#: How many rows a dry run shows, and how many of its row errors.
+PREVIEW_ROWS = 5
+PREVIEW_ERRORS = 10
+
+
+def preview_batch(settings, request, reader, count_tokens, *, file_format):
+    """What the upload would store, read in full and checked as
+    :func:`create_batch` checks it, with nothing stored (a dry run).
+
+    Args:
+        count_tokens: ``(rows) -> (tokens, tokenizer_error)``, the prompt
+            tokens of runnable rows (``queue_engine.tokenizers``).
+
+    Raises:
+        InvalidFileError: as :func:`create_batch`, at the first problem with the file.
+    """
+    check_model_request(settings, request)
+    total = failed = planned = tokens = 0
+    first_rows, errors, tokenizer_error = [], [], None
+    rows = iter(reader)
+    while window := list(islice(rows, 1000)):
+        for row in window:
+            if len(first_rows) < PREVIEW_ROWS:
+                first_rows.append({"id": row.custom_id, "prompt": row.prompt, "messages": row.messages,
+                                   "params": row.params or {},
+                                   "error": {"code": row.error[0], "message": row.error[1]} if row.error else None})
+            if row.error and len(errors) < PREVIEW_ERRORS:
+                errors.append({"line": row.line, "id": row.custom_id, "code": row.error[0], "message": row.error[1]})
+        runnable = [row for row in window if row.error is None]
+        total += len(window)
+        failed += len(window) - len(runnable)
+        planned += planned_tokens(runnable, request.params.max_tokens)
+        counted, tokenizer_error = count_tokens(runnable)
+        tokens += counted
+    return {
+        "dry_run": True, "model": request.model, "format": file_format,
+        "rows": total, "runnable_rows": total - failed, "failed_rows": failed, "row_errors": errors,
+        "prompt_tokens": tokens, "tokens_counted_with": "estimate" if tokenizer_error else "tokenizer",
+        "tokenizer_error": tokenizer_error, "planned_tokens": planned,
+        "columns": reader.header, "options": batch_options(request, reader.upload), "first_rows": first_rows,
     }
 
 

@@ -241,6 +241,23 @@ def api_client(url, key):
 @click.option("--prompt-column", default=None, help="FILE's prompt column (default 'prompt').")
 @click.option("--id-column", default=None, help="FILE's id column (default 'id'; without one rows are numbered).")
 @click.option("--delimiter", default=None, help="FILE's CSV delimiter (default: sniffed).")
+@click.option("--template", default=None,
+              help="CSV FILE: build each prompt from this text, {column} filled from the row (instead of "
+                   "--prompt-column; {{ and }} are literal braces).")
+@click.option("--system", default=None, help="CSV FILE: a system message; rows run as chat messages.")
+@click.option("--params-columns", default=None,
+              help='CSV FILE: per-row parameters from columns, as JSON: \'{"max_tokens": "budget"}\'.')
+@click.option("--empty-cells", type=click.Choice(["fail", "empty"]), default=None,
+              help="CSV FILE with --template: a row whose placeholder cell is empty fails (default) or fills it empty.")
+@click.option("--keep-columns", is_flag=True, default=None,
+              help="CSV FILE: keep every column of the file, for the results.")
+@click.option("--dry-run", is_flag=True,
+              help="Check FILE and count its tokens; store nothing. Prints the counts and the first rows.")
+@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A JSON Schema file: answers are JSON following it (response_format json_schema); "
+                   "a batch's results get a column per top-level property.")
+@click.option("--choices", default=None,
+              help="Answers are one of these, comma-separated (response_format choice; results column 'answer').")
 @click.option("--judge", default=None, help="Run --prompt as a tribunal that this model judges.")
 @click.option("--candidates", default=None,
               help="The tribunal's candidate models, comma-separated (default: --model, twice).")
@@ -249,16 +266,31 @@ def api_client(url, key):
               help="When the tribunal runs as a single pass.")
 @click.option("--wait", is_flag=True, help="Wait until done: print the job's text, or show the batch's progress.")
 @server_options
-def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter, judge, candidates, reviser,
-           bypass, wait, url, key):
+def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter, template, system, params_columns,
+           empty_cells, keep_columns, dry_run, schema_file, choices, judge, candidates, reviser, bypass, wait, url,
+           key):
     """Submit FILE (CSV or JSONL) as a batch, or --prompt TEXT as a job (a
     tribunal with --judge); print its id."""
     if (file is None) == (prompt is None):
         raise click.UsageError("give a FILE to run as a batch, or --prompt TEXT, not both")
+    file_options = {"template": template, "system": system, "params_columns": params_columns,
+                    "empty_cells": empty_cells, "keep_columns": keep_columns or None, "dry_run": dry_run or None}
+    given = [f"--{name.replace('_', '-')}" for name, value in file_options.items() if value is not None]
+    if file is None and given:
+        raise click.UsageError(f"{', '.join(given)} describe a FILE batch; give a FILE")
+    if params_columns is not None:
+        try:
+            params_columns = json.loads(params_columns)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON ({e}); e.g. '{{\"max_tokens\": \"budget\"}}'",
+                                     param_hint="--params-columns") from None
     if judge is None and (candidates or reviser):
         raise click.UsageError("--candidates and --reviser need --judge (they describe a tribunal)")
     client = api_client(url, key)
     params = {"max_tokens": max_tokens} if max_tokens else {}
+    response_format = read_response_format(schema_file, choices)
+    if response_format:
+        params["response_format"] = response_format
     try:
         if prompt is not None and judge is not None:
             body = {"prompt": prompt, "params": params, "judge": judge, "reviser": reviser, "bypass": bypass,
@@ -266,9 +298,16 @@ def submit(file, prompt, model, max_tokens, prompt_column, id_column, delimiter,
             run_prompt(client, client.submit_tribunal({k: v for k, v in body.items() if v is not None}), wait)
         elif prompt is not None:
             run_prompt(client, client.submit_job({"model": model, "prompt": prompt, "params": params}), wait)
+        elif dry_run:
+            click.echo(dry_run_summary(client.submit_batch(
+                file, model, params=params, dry_run=True, prompt_column=prompt_column, id_column=id_column,
+                delimiter=delimiter, template=template, system=system, params_columns=params_columns,
+                empty_cells=empty_cells, keep_columns=keep_columns or None)))
         else:
             submit_file(client, file, model, params, wait,
-                        prompt_column=prompt_column, id_column=id_column, delimiter=delimiter)
+                        prompt_column=prompt_column, id_column=id_column, delimiter=delimiter, template=template,
+                        system=system, params_columns=params_columns, empty_cells=empty_cells,
+                        keep_columns=keep_columns or None)
     except QueueEngineError as e:
         raise click.ClickException(str(e)) from e
 
@@ -301,6 +340,27 @@ def submit_file(client, path, model, params, wait, **fields):
     click.echo(batch_summary(batch))
 
 
+def dry_run_summary(preview):
+    """A dry run's answer, for reading: counts, tokens, the first row errors and rows."""
+    counted = ("counted with the model's tokenizer" if preview["tokens_counted_with"] == "tokenizer"
+               else f"estimated at 4 characters a token: {preview['tokenizer_error']}")
+    lines = [f"dry run of {preview['format']} batch for model {preview['model']!r}: nothing was stored",
+             f"rows: {preview['rows']} ({preview['runnable_rows']} would run, {preview['failed_rows']} would fail)",
+             f"prompt tokens: {preview['prompt_tokens']} ({counted})"]
+    if preview["row_errors"]:
+        lines.append("failing rows:")
+        lines += [f"  line {e['line']}, id {e['id']!r}: {e['code']}: {e['message']}" for e in preview["row_errors"]]
+    lines.append(f"first {len(preview['first_rows'])} rows:")
+    for row in preview["first_rows"]:
+        lines.append(f"--- {row['id']}" + (f"  params {json.dumps(row['params'])}" if row["params"] else "")
+                     + (f"  (fails: {row['error']['message']})" if row["error"] else ""))
+        if row["messages"] is not None:
+            lines += [f"[{message['role']}] {message['content']}" for message in row["messages"]]
+        else:
+            lines.append(row["prompt"])
+    return "\n".join(lines)
+
+
 def batch_summary(batch):
     counts = batch["request_counts"]
     done = counts["completed"] + counts["failed"] + counts["cancelled"]
@@ -325,15 +385,35 @@ def status(object_id, as_json, url, key):
     click.echo(json.dumps(batch, indent=2) if as_json else batch_summary(batch))
 
 
+def read_response_format(schema_file, choices):
+    """The ``response_format`` that ``--schema`` or ``--choices`` ask for; None for neither."""
+    if schema_file and choices:
+        raise click.UsageError("give --schema or --choices, not both")
+    if choices is not None:
+        return {"type": "choice", "choices": [choice.strip() for choice in choices.split(",")]}
+    if schema_file is None:
+        return None
+    try:
+        with open(schema_file, encoding="utf-8") as file:
+            return {"type": "json_schema", "schema": json.load(file)}
+    except ValueError as e:
+        raise click.BadParameter(f"{schema_file!r} is not JSON ({e})", param_hint="--schema") from None
+
+
+#: The results format an --output name implies; csv otherwise.
+RESULTS_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".xlsx": "xlsx"}
+
+
 @main.command()
 @click.argument("batch_id")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout.")
-@click.option("--format", "file_format", type=click.Choice(["csv", "jsonl"]), default=None,
-              help="Default: from the --output name, else csv.")
+@click.option("--format", "file_format", type=click.Choice(["csv", "jsonl", "xlsx"]), default=None,
+              help="Default: from the --output name (.jsonl, .ndjson, .xlsx), else csv.")
 @server_options
 def results(batch_id, output, file_format, url, key):
     """Write the results of BATCH_ID (one row per input row, in input order)."""
-    file_format = file_format or ("jsonl" if output and output.endswith((".jsonl", ".ndjson")) else "csv")
+    extension = os.path.splitext(output or "")[1].lower()
+    file_format = file_format or RESULTS_EXTENSIONS.get(extension, "csv")
     client = api_client(url, key)
     try:
         if output is None:

@@ -63,19 +63,29 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(interval)
 
-    def submit_batch(self, file, model, filename=None, params=None, **fields):
+    def submit_batch(self, file, model, filename=None, params=None, dry_run=False, **fields):
         """Upload ``file`` (a path or a binary file object) as a batch of ``model``.
 
         ``fields`` are the other form fields (``prompt_column``, ``id_column``,
-        ``delimiter``, ``webhook_url``).
+        ``delimiter``, ``webhook_url``, ``template``, ``system``,
+        ``params_columns`` (a dict, sent as JSON), ``empty_cells``,
+        ``keep_columns`` (a bool)). With ``dry_run`` the server checks and
+        reads the file, stores nothing and answers what the batch would be.
         """
         form = {"model": model, **{name: value for name, value in fields.items() if value is not None}}
         if params:
             form["params"] = json.dumps(params)
+        for name, value in form.items():
+            if isinstance(value, bool):
+                form[name] = "true" if value else "false"
+            elif isinstance(value, dict):
+                form[name] = json.dumps(value)
+        query = {"params": {"dry_run": "true"}} if dry_run else {}
         if isinstance(file, (str, Path)):
             with open(file, "rb") as f:
-                return self._call("POST", "/api/v1/batches", data=form, files={"file": (filename or Path(file).name, f)})
-        return self._call("POST", "/api/v1/batches", data=form, files={"file": (filename or "upload", file)})
+                return self._call("POST", "/api/v1/batches", data=form,
+                                  files={"file": (filename or Path(file).name, f)}, **query)
+        return self._call("POST", "/api/v1/batches", data=form, files={"file": (filename or "upload", file)}, **query)
 
     def get_batch(self, batch_id):
         return self._call("GET", f"/api/v1/batches/{batch_id}")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from sqlalchemy import JSON, bindparam, select, update
 
-from . import batches, jobs, tribunal, usage
+from . import batches, jobs, structured, tribunal, usage
 from .dispatch import take_chunk
 from .errors import EngineRejectedError
 from .jobs import JobState, transition_statement
@@ -192,18 +192,27 @@ def finish(session, worker, outcomes, settings):
     error or a rejection reports none, and the engine time of an attempt
     that failed or was aborted is not known per request).
 
+    A generation whose ``response_format`` is checked (json_schema, choice,
+    regex: :mod:`queue_engine.structured`) has its answer parsed here: the
+    parsed answer goes to ``Job.output["parsed"]`` (a list, one per sample,
+    when ``n`` > 1). If any sample does not parse or validate, the item fails
+    with ``invalid_answer``, keeping its text, tokens and the samples that
+    did parse; its tokens count in its key's usage (the engine ran them) but
+    not in its batch's, which sums succeeded rows.
+
     Returns:
         :class:`Finished`.
     """
     outcomes = list({outcome.item.id: outcome for outcome in outcomes}.values())  # each item once
     held = _hold(session, worker, [outcome.item.id for outcome in outcomes])  # id -> owner id
     now = utcnow()
-    succeeded, failed, retried = [], [], []
+    succeeded, invalid, failed, retried = [], [], [], []
     for outcome in outcomes:
         if outcome.item.id not in held:
             continue
         if outcome.error is None:
-            succeeded.append(outcome)
+            checked = check_answer(outcome)
+            (succeeded if checked.error is None else invalid).append(checked)
         elif isinstance(outcome.error, EngineRejectedError):
             failed.append((outcome.item, "engine_rejected", str(outcome.error)))
         elif outcome.item.attempts < settings.max_attempts:
@@ -215,15 +224,17 @@ def finish(session, worker, outcomes, settings):
     _store_generations(session, succeeded, now)
     _add_batch_usage(session, succeeded)
     _store_failures(session, failed)
+    _store_generations(session, invalid, now, JobState.FAILED)
     for item, message in retried:
         _retry(session, worker, item, message, settings.retry_delay)
-    ended = [(o.item, JobState.SUCCEEDED) for o in succeeded] + [(item, JobState.FAILED) for item, _, _ in failed]
+    ended = ([(o.item, JobState.SUCCEEDED) for o in succeeded] + [(o.item, JobState.FAILED) for o in invalid]
+             + [(item, JobState.FAILED) for item, _, _ in failed])
     next_jobs = after_end(session, ended, settings)
     # Last, in one order (usage.add_up), so that usage rows never wait on rows
     # another finish locks after its own usage rows: no deadlock on PostgreSQL.
     usage.record(session, [usage.Increment(
         held[o.item.id], o.item.model, now.date(), 1, o.generation.prompt_tokens, o.generation.completion_tokens,
-        engine_seconds(o.generation)) for o in succeeded])
+        engine_seconds(o.generation)) for o in succeeded + invalid])
     return Finished([item.id for item, _ in ended], [item.id for item, _ in retried], next_jobs)
 
 
@@ -253,13 +264,49 @@ def engine_seconds(generation):
     return getattr(generation, "engine_seconds", None) or 0.0
 
 
-def _store_generations(session, outcomes, now):
+class Checked(NamedTuple):
+    """A generation with its answer checked: ``output`` to store, and why the answer is invalid (or None)."""
+
+    item: Item
+    generation: object
+    output: dict | None
+    error: str | None = None
+
+
+def check_answer(outcome):
+    """Parse and check the answer(s) of a generation whose ``response_format`` asks it
+    (:func:`queue_engine.structured.parse_answer`), each sample's when ``n`` > 1."""
+    generation = outcome.generation
+    output = getattr(generation, "output", None)
+    response_format = outcome.item.params.get("response_format")
+    if not structured.is_checked(response_format):
+        return Checked(outcome.item, generation, output)
+    samples = (output or {}).get("choices")
+    texts = [choice["text"] for choice in samples] if samples else [generation.text]
+    parsed, errors = structured.parse_answers(response_format, texts)
+    output = {**(output or {}), "parsed": parsed if samples else parsed[0]}
+    wrong = [(index, error) for index, error in enumerate(errors) if error is not None]
+    if not wrong:
+        return Checked(outcome.item, generation, output)
+    if samples:
+        output["answer_errors"] = errors
+        message = "; ".join(f"sample {index}: {error}" for index, error in wrong)
+        message = f"{len(wrong)} of {len(texts)} samples invalid: {message}"
+    else:
+        message = wrong[0][1]
+    return Checked(outcome.item, generation, output, message)
+
+
+def _store_generations(session, outcomes, now, state=JobState.SUCCEEDED):
+    """Store checked generations: succeeded, or failed with ``invalid_answer`` (``state`` FAILED)."""
     if not outcomes:
         return
-    statement = transition_statement(JobState.RUNNING, JobState.SUCCEEDED, [Job.id == bindparam("b_id")], {
+    statement = transition_statement(JobState.RUNNING, state, [Job.id == bindparam("b_id")], {
         "result_text": bindparam("b_text"), "finish_reason": bindparam("b_finish"),
         "prompt_tokens": bindparam("b_prompt"), "completion_tokens": bindparam("b_completion"),
-        "output": bindparam("b_output", type_=JSON(none_as_null=True)), "error_code": None, "error_message": None,
+        "output": bindparam("b_output", type_=JSON(none_as_null=True)),
+        "error_code": None if state == JobState.SUCCEEDED else structured.INVALID_ANSWER,
+        "error_message": bindparam("b_error"),
         "engine_seconds": bindparam("b_engine"),
         # The day its usage is counted on is this one's (UTC).
         "finished_at": now,
@@ -267,8 +314,9 @@ def _store_generations(session, outcomes, now):
     session.execute(statement, [
         {"b_id": o.item.id, "b_text": o.generation.text, "b_finish": o.generation.finish_reason,
          "b_prompt": o.generation.prompt_tokens, "b_completion": o.generation.completion_tokens,
-         # n > 1 choices and logprobs, only when the job asked (Generation.output); None otherwise.
-         "b_output": getattr(o.generation, "output", None),
+         # n > 1 choices and logprobs, only when the job asked (Generation.output), and a
+         # structured answer parsed (check_answer); None otherwise.
+         "b_output": o.output, "b_error": o.error,
          "b_engine": getattr(o.generation, "engine_seconds", None)}
         for o in outcomes
     ])

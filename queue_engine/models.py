@@ -114,6 +114,10 @@ class Batch(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     engine_seconds: Mapped[float] = mapped_column(
         Float, default=0.0, server_default="0", doc="the engine time of its finished rows (their shares of steps)")
+    options: Mapped[dict | None] = mapped_column(
+        JSON, doc="how its rows were made and how its results read: template, system, params_columns, "
+                  "empty_cells, keep_columns, samples")
+    columns: Mapped[list | None] = mapped_column(JSON, doc="the input file's header, in order (for keep_columns)")
     planned_tokens: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0",
         doc="estimated tokens of its runnable rows at upload (prompt + max_tokens), for the waiting-tokens quota")
@@ -196,6 +200,8 @@ class Job(Base):
         doc="its worker publishes the text as it is generated (a streamed /v1 request)")
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    cells: Mapped[dict | None] = mapped_column(
+        JSON, doc="a batch row's input cells, column -> text, when its batch keeps them (keep_columns)")
     engine_seconds: Mapped[float | None] = mapped_column(
         Float, doc="its share of the engine steps it was in (a step's time split between its requests)")
     error_code: Mapped[str | None] = mapped_column(String(50))

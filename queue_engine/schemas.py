@@ -17,7 +17,9 @@ from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer, model_validator,
 )
 
+from . import structured
 from .inputs import check_not_blank, check_text
+from .templates import Template
 
 Lane = Literal["interactive", "bulk"]
 
@@ -53,6 +55,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: Longest batch template or system message, in characters.
+MAX_TEMPLATE_CHARS = 100_000
 #: Most samples one request may ask for (``n``).
 MAX_N = 16
 #: Most alternatives per token ``top_logprobs`` (and a completion's ``logprobs``) may ask for, as OpenAI.
@@ -68,17 +72,71 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = Field(None, description="accepted; the answer always follows the schema")
 
 
-class ResponseFormat(_Strict):
-    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+#: Most choices a ``choice`` format may list.
+MAX_CHOICES = 1024
 
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+
+class ResponseFormat(_Strict):
+    """``response_format``: free text, any JSON object, JSON following a schema (OpenAI's
+    ``json_schema`` object, or the schema itself as ``schema``), one of ``choices``, or text
+    matching ``pattern`` (``queue_engine.structured`` checks the answers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json_object", "json_schema", "choice", "regex"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="OpenAI's shape: a name and a schema")
+    schema_: dict | None = Field(None, alias="schema", description="type json_schema: the JSON Schema itself")
+    choices: list[text_type(min_length=1, max_length=4096)] | None = Field(
+        None, max_length=MAX_CHOICES, description="type choice: the answers allowed")
+    pattern: text_type(min_length=1, max_length=4096) | None = Field(
+        None, description="type regex: a regular expression the whole answer matches")
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema):
+        if schema is not None:
+            structured.check_schema(schema)
+        return schema
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_openai_schema(cls, json_schema):
+        if json_schema is not None:
+            try:
+                structured.check_schema(json_schema.schema_)
+            except ValueError as error:
+                raise ValueError(f"schema: {error}") from None
+        return json_schema
+
+    @field_validator("choices")
+    @classmethod
+    def _some_choices(cls, choices):
+        if choices is not None and not choices:
+            raise ValueError("give at least one choice")
+        return choices
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, pattern):
+        if pattern is not None:
+            structured.check_pattern(pattern)
+        return pattern
 
     @model_validator(mode="after")
-    def _schema_with_its_type(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("give json_schema exactly when type is 'json_schema'")
+    def _fields_of_its_type(self):
+        if self.type == "json_schema" and (self.json_schema is None) == (self.schema_ is None):
+            raise ValueError("type 'json_schema' takes exactly one of json_schema (OpenAI's) or schema")
+        if self.type != "json_schema" and (self.json_schema is not None or self.schema_ is not None):
+            raise ValueError("give json_schema or schema only when type is 'json_schema'")
+        if (self.type == "choice") != (self.choices is not None):
+            raise ValueError("give choices exactly when type is 'choice'")
+        if (self.type == "regex") != (self.pattern is not None):
+            raise ValueError("give pattern exactly when type is 'regex'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler):
+        return {name: value for name, value in handler(self).items() if value is not None}
 
 
 #: Parameters added for OpenAI's names, and the value that means "not asked":
@@ -112,8 +170,9 @@ class Params(_Strict):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="alternatives per token, with logprobs: true")
     response_format: ResponseFormat | None = Field(
-        None, description="text, json_object or json_schema: the answer is constrained to JSON (vLLM's "
-                          "structured outputs)")
+        None, description="text, json_object, json_schema, choice or regex: the answer is constrained "
+                          "(vLLM's structured outputs); json_schema, choice and regex answers are checked when "
+                          "they end (error invalid_answer)")
 
     @field_validator("logprobs")
     @classmethod
@@ -138,7 +197,7 @@ class Params(_Strict):
         for name, unasked in OPTIONAL_PARAMS.items():
             if name in data and data[name] == unasked:
                 del data[name]
-        if data.get("response_format") == {"type": "text", "json_schema": None}:
+        if data.get("response_format") == {"type": "text"}:
             del data["response_format"]
         return data
 
@@ -290,8 +349,41 @@ class BatchCreate(_Strict):
         None, description="CSV delimiter; sniffed when omitted")
     params: Params = Field(default_factory=Params, description="sampling parameters for every row (JSON text)")
     webhook_url: WebhookUrl | None = Field(None, description="called when the batch ends")
+    template: text_type(min_length=1, max_length=MAX_TEMPLATE_CHARS) | None = Field(
+        None, description="CSV only, instead of prompt_column: each row's prompt is this text with every "
+                          "{column} placeholder filled from the row's cells ({{ and }} are literal braces)")
+    system: NonBlankText | None = Field(
+        None, max_length=MAX_TEMPLATE_CHARS,
+        description="CSV only: a system message; rows become chat messages [system, user: the prompt]")
+    params_columns: dict[text_type(min_length=1, max_length=64), Name] | None = Field(
+        None, description="CSV only (JSON text): parameter name -> column; each row's parameter is its cell, "
+                          "checked as params are (an empty cell keeps the batch's value)")
+    empty_cells: Literal["fail", "empty"] | None = Field(
+        None, description="CSV with a template: a row whose placeholder cell is empty fails (fail, the default) "
+                          "or gets it filled in empty")
+    keep_columns: bool | None = Field(
+        None, description="CSV only (true/false): keep the header and every row's cells, for the results")
+    samples: Literal["rows", "columns"] | None = Field(
+        None, description="with n > 1, how the results lay out a row's samples: one line each, with a sample "
+                          "column (rows, the default), or side by side, text_0, text_1, ... (columns)")
 
     _http_only = field_validator("webhook_url")(_check_http_url)
+
+    @field_validator("template")
+    @classmethod
+    def _template_parses(cls, template):
+        if template is not None:
+            Template.parse(template)
+        return template
+
+    @field_validator("params_columns")
+    @classmethod
+    def _known_params(cls, params_columns):
+        for name in params_columns or ():
+            if name not in Params.model_fields or name == "max_completion_tokens":
+                raise ValueError(f"{name!r} is not a parameter; use one of "
+                                 f"{', '.join(n for n in Params.model_fields if n != 'max_completion_tokens')}")
+        return params_columns
 
 
 class RequestCounts(BaseModel):
@@ -330,6 +422,45 @@ class BatchOut(BaseModel):
 class BatchList(BaseModel):
     data: list[BatchOut]
     next_cursor: str | None
+
+
+class RowError(BaseModel):
+    """Why one row of a file cannot run."""
+
+    line: int | None = Field(None, description="the file line its record starts on")
+    id: str
+    code: str = Field(description="empty_prompt, prompt_too_long, empty_cell, invalid_param, ...")
+    message: str
+
+
+class PreviewRow(BaseModel):
+    """A row as the batch would store it: its prompt or chat messages, its own parameters."""
+
+    id: str
+    prompt: str | None
+    messages: list[dict] | None
+    params: dict = Field(description="what the row sets itself (the batch's params apply to the rest)")
+    error: dict | None = Field(description="{code, message} when the row would fail")
+
+
+class BatchDryRun(BaseModel):
+    """``POST /api/v1/batches?dry_run=true``: the upload checked and read in full; nothing stored or sent."""
+
+    dry_run: Literal[True]
+    model: str
+    format: Literal["csv", "jsonl"]
+    rows: int
+    runnable_rows: int
+    failed_rows: int
+    row_errors: list[RowError] = Field(description="the first failed rows (at most 10)")
+    prompt_tokens: int = Field(description="the runnable rows' prompt tokens")
+    tokens_counted_with: Literal["tokenizer", "estimate"] = Field(
+        description="the model's tokenizer, or an estimate of 4 characters a token when it cannot be loaded")
+    tokenizer_error: str | None = Field(description="why the tokenizer could not be loaded")
+    planned_tokens: int = Field(description="the estimate the waiting-tokens quota counts (prompt + max_tokens)")
+    columns: list[str] | None = Field(description="a CSV file's header")
+    options: dict | None = Field(description="what the batch would store as its options")
+    first_rows: list[PreviewRow] = Field(description="the first 5 rows")
 
 
 class UsageTotals(BaseModel):

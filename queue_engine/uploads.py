@@ -8,7 +8,13 @@ Problems come at two levels, as in OpenAI's batches:
   :class:`~queue_engine.errors.InvalidFileError` naming the line and column;
   the caller refuses the whole upload and keeps nothing;
 - a problem with one *row* (an empty prompt or message, a prompt over the
-  limit) comes back as that row's ``error``: the row fails and the others run.
+  limit, an empty cell a template needs, a parameter cell that does not
+  validate) comes back as that row's ``error``: the row fails and the others run.
+
+A CSV batch may build its prompts from a template over the columns
+(``queue_engine.templates``), add a system message (the rows are then chat
+messages), take per-row parameters from columns (``params_columns``) and
+keep every cell for the results (``keep_columns``).
 
 The file is read as a stream, so its size costs no memory; only the set of
 ids seen so far grows with it (to refuse duplicates).
@@ -17,13 +23,15 @@ ids seen so far grows with it (to refuse duplicates).
 import codecs
 import csv
 import itertools
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from .errors import InvalidFileError, InvalidJsonError
+from .errors import InvalidFileError, InvalidJsonError, InvalidRequestError
 from .inputs import format_location, read_json, text_problem
 from .schemas import MESSAGE_ROLES, Params
+from .templates import Template
 
 CSV_DELIMITERS = (",", ";", "\t", "|")
 MAX_ID_CHARS = 255
@@ -32,6 +40,12 @@ BODY_INPUT_KEYS = {"model", "messages", "prompt"}
 #: OpenAI's newer name for ``max_tokens``.
 BODY_ALIASES = {"max_completion_tokens": "max_tokens"}
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+#: Form fields that only a CSV file can use (they name or read its columns).
+CSV_ONLY_FIELDS = ("template", "system", "params_columns", "empty_cells", "keep_columns")
+#: How a ``params_columns`` cell becomes a parameter's value, by parameter.
+INTEGER_PARAMS = {"max_tokens", "seed", "n", "top_logprobs"}
+NUMBER_PARAMS = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}
+INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(slots=True)
@@ -50,6 +64,8 @@ class Row:
     messages: list | None = None
     params: dict | None = None
     error: tuple | None = None
+    #: Every cell, column -> text (CSV with ``keep_columns``).
+    cells: dict | None = None
 
     @property
     def text(self):
@@ -72,10 +88,29 @@ class Upload:
     id_column: str = "id"
     id_column_given: bool = False
     delimiter: str | None = None
+    template: Template | None = None
+    system: str | None = None
+    params_columns: dict = field(default_factory=dict)
+    empty_cells: str = "fail"
+    keep_columns: bool = False
+    #: The CSV-only form fields the request set (:data:`CSV_ONLY_FIELDS`).
+    csv_fields: tuple = ()
 
     @classmethod
     def from_request(cls, request, settings):
-        """How to read the file of a ``BatchCreate`` request under ``settings``."""
+        """How to read the file of a ``BatchCreate`` request under ``settings``.
+
+        Raises:
+            InvalidRequestError: fields that do not go together (``template``
+                with ``prompt_column``, ``empty_cells`` without a template).
+        """
+        if request.template is not None and "prompt_column" in request.model_fields_set:
+            raise InvalidRequestError(
+                "template: give a template or a prompt_column, not both (a template names its columns itself)",
+                param="template")
+        if request.empty_cells is not None and request.template is None:
+            raise InvalidRequestError("empty_cells: it says how a template fills empty cells; give a template",
+                                      param="empty_cells")
         profile = settings.models.get(request.model)
         return cls(
             model=request.model,
@@ -87,7 +122,33 @@ class Upload:
             id_column=request.id_column or "id",
             id_column_given=request.id_column is not None,
             delimiter=request.delimiter,
+            template=Template.parse(request.template) if request.template is not None else None,
+            system=request.system,
+            params_columns=request.params_columns or {},
+            empty_cells=request.empty_cells or "fail",
+            keep_columns=bool(request.keep_columns),
+            csv_fields=tuple(name for name in CSV_ONLY_FIELDS if getattr(request, name) not in (None, False)),
         )
+
+    def check_format(self, file_format):
+        """Refuse CSV-only fields for a JSONL file.
+
+        Raises:
+            InvalidRequestError: naming the first such field.
+        """
+        if file_format != "csv" and self.csv_fields:
+            name = self.csv_fields[0]
+            raise InvalidRequestError(
+                f"{name}: only a CSV file has columns for it; a JSONL line sets its own messages and parameters "
+                "in its body", param=name)
+
+    @property
+    def options(self):
+        """What the batch stores as ``Batch.options``: the CSV-only fields given, or None."""
+        options = {"template": self.template.text if self.template else None, "system": self.system,
+                   "params_columns": self.params_columns or None,
+                   "empty_cells": self.empty_cells if self.template else None, "keep_columns": self.keep_columns}
+        return {name: value for name, value in options.items() if value not in (None, False)} or None
 
 
 def detect_format(filename, head):
@@ -171,20 +232,23 @@ class CsvReader(_Reader):
     def __init__(self, lines, upload):
         super().__init__(lines, upload)
         self.id_header = upload.id_column
+        #: The header's column names, once read.
+        self.header = None
         self._reader = None
-
 
     def _rows(self):
         upload = self.upload
         header_line = next(self.lines, "")
         if not header_line.strip():
             raise InvalidFileError("the file is empty; a CSV batch needs a header row naming the columns", 1)
-        delimiter = upload.delimiter or sniff_delimiter(header_line, upload.prompt_column)
+        named = upload.template.columns[0] if upload.template else upload.prompt_column
+        delimiter = upload.delimiter or sniff_delimiter(header_line, named)
         # A field longer than this is a quote left open, not a prompt.
         csv.field_size_limit(max(upload.max_prompt_chars * 4, 1 << 20))
         self._reader = reader = csv.reader(itertools.chain([header_line], self.lines), delimiter=delimiter, strict=True)
-        header = [name.strip() for name in self._checked(self._next_record(), None)]
-        prompt_at = self._column(header, upload.prompt_column, "prompt_column")
+        self.header = header = [name.strip() for name in self._checked(self._next_record(), None)]
+        self._check_columns(header)
+        prompt_at = None if upload.template else self._column(header, upload.prompt_column, "prompt_column")
         if upload.id_column in header:
             id_at = header.index(upload.id_column)
         elif upload.id_column_given:
@@ -207,10 +271,83 @@ class CsvReader(_Reader):
             else:
                 custom_id = record[id_at]
                 self._check_id(custom_id, line, upload.id_column)
-            prompt = record[prompt_at]
-            yield Row(index, line, custom_id, prompt=prompt, error=self._prompt_error(prompt))
+            yield self._row(index, line, custom_id, record, header, prompt_at)
         if self._count == 0:
             raise InvalidFileError("the file has a header but no rows", reader.line_num)
+
+    def _check_columns(self, header):
+        """Refuse a template, ``params_columns`` or ``keep_columns`` that the header cannot serve."""
+        upload = self.upload
+        columns = ", ".join(repr(h) for h in header)
+        missing = upload.template.missing_columns(header) if upload.template else []
+        if missing:
+            raise _field_error(f"the template names {', '.join(map(repr, missing))}, which the header lacks "
+                               f"(the columns are: {columns})", "template")
+        for name, column in upload.params_columns.items():
+            if column not in header:
+                raise _field_error(f"params_columns maps {name} to {column!r}, which the header lacks "
+                                   f"(the columns are: {columns})", "params_columns")
+        if upload.keep_columns or upload.template or upload.params_columns:
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise InvalidFileError(f"the header names {', '.join(map(repr, repeated))} more than once; "
+                                       "with a template, params_columns or keep_columns, column names must be unique",
+                                       1)
+
+    def _row(self, index, line, custom_id, record, header, prompt_at):
+        """The :class:`Row` of one record: its prompt (or messages), its
+        parameters from ``params_columns``, its cells; or why it cannot run."""
+        upload = self.upload
+        cells = dict(zip(header, record)) if upload.template or upload.params_columns or upload.keep_columns else None
+        error = None
+        if upload.template:
+            blank = [column for column in upload.template.columns if not cells[column].strip()]
+            if blank and upload.empty_cells == "fail":
+                error = ("empty_cell", f"the cell of column {blank[0]!r} is empty and the template uses it "
+                                       "(empty_cells=empty fills it in empty)")
+            prompt = upload.template.fill({**cells, **{column: "" for column in blank}})
+        else:
+            prompt = record[prompt_at]
+        params, params_error = self._cell_params(cells) if upload.params_columns else ({}, None)
+        error = error or params_error or self._prompt_error(prompt)
+        row = Row(index, line, custom_id, params=params, cells=cells if upload.keep_columns else None)
+        if upload.system is None:
+            row.prompt = prompt
+        else:
+            row.messages = [{"role": "system", "content": upload.system}, {"role": "user", "content": prompt}]
+            error = error or self._prompt_error(row.text)
+        row.error = error
+        return row
+
+    def _cell_params(self, cells):
+        """``(params, error)``: the row's parameters from its ``params_columns``
+        cells, checked with the batch's as :class:`~queue_engine.schemas.Params`
+        checks them; an empty cell keeps the batch's value."""
+        overrides, column_of = {}, {}
+        for name, column in self.upload.params_columns.items():
+            cell = cells[column].strip()
+            if not cell:
+                continue
+            try:
+                overrides[name] = cell_value(name, cell)
+            except ValueError as e:
+                return {}, ("invalid_param", f"column {column!r} ({name}): {e}")
+            column_of[name] = column
+        if not overrides:
+            return {}, None
+        try:
+            params = Params.model_validate({**self.upload.batch_params, **overrides})
+        except ValidationError as e:
+            problem = e.errors()[0]
+            name = str(problem["loc"][0]) if problem["loc"] else next(iter(overrides))
+            where = f"column {column_of[name]!r} ({name})" if name in column_of else "params_columns"
+            return {}, ("invalid_param", f"{where}: {problem['msg']}")
+        if params.max_tokens > self.upload.max_tokens_limit and "max_tokens" in overrides:
+            return {}, ("invalid_param",
+                        f"column {column_of['max_tokens']!r} (max_tokens): {params.max_tokens} is above model "
+                        f"{self.upload.model!r}'s limit of {self.upload.max_tokens_limit}")
+        dumped = params.model_dump(mode="json")
+        return {name: dumped[name] for name in overrides if name in dumped}, None
 
     def _next_record(self):
         starts_on = self._reader.line_num + 1
@@ -240,6 +377,45 @@ class CsvReader(_Reader):
         return header.index(name)
 
 
+def _field_error(message, param):
+    """An :class:`InvalidFileError` of the header (line 1) blamed on the form field ``param``."""
+    error = InvalidFileError(message, 1)
+    error.param = param
+    return error
+
+
+def cell_value(name, cell):
+    """The value of parameter ``name`` that the (stripped, non-empty) CSV ``cell`` holds.
+
+    Raises:
+        ValueError: the cell is not of the parameter's type, saying what it should be.
+
+    >>> cell_value("seed", "42"), cell_value("temperature", "0.5"), cell_value("stop", "END")
+    (42, 0.5, 'END')
+    """
+    if name in INTEGER_PARAMS:
+        if not INTEGER.fullmatch(cell):
+            raise ValueError(f"{cell!r} is not a whole number")
+        return int(cell)
+    if name in NUMBER_PARAMS:
+        try:
+            return float(cell)
+        except ValueError:
+            raise ValueError(f"{cell!r} is not a number") from None
+    if name == "logprobs":
+        if cell.lower() in ("true", "false"):
+            return cell.lower() == "true"
+        if not INTEGER.fullmatch(cell):
+            raise ValueError(f"{cell!r} is not true, false or a whole number")
+        return int(cell)
+    if name == "response_format":
+        try:
+            return read_json(cell, name)
+        except InvalidJsonError as e:
+            raise ValueError(f"not JSON: {e.problem}") from None
+    return cell
+
+
 def sniff_delimiter(header_line, prompt_column):
     """The delimiter that makes the header contain ``prompt_column``; else the
     one that splits it most; else a comma."""
@@ -258,6 +434,7 @@ class JsonlReader(_Reader):
     ``body`` has ``messages`` or ``prompt`` and may set sampling parameters."""
 
     id_header = "custom_id"
+    header = None
 
     def _rows(self):
         line = 0

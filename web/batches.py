@@ -10,19 +10,40 @@ from queue_engine.schemas import BatchCreate
 from .auth import require_api_key
 from .db import get_session
 from .jobs import query_int, query_text
-from .queueing import submit_batch
+from .queueing import preview_batch, submit_batch
 from .waiting import read_after_wait
 
 bp = Blueprint("batches", __name__, url_prefix="/api/v1")
 bp.before_request(require_api_key)
 
 
+#: How form fields and query parameters write true and false.
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def batch_form():
-    """The form fields as a validated :class:`BatchCreate` (``params`` is JSON text)."""
+    """The form fields as a validated :class:`BatchCreate` (``params`` and
+    ``params_columns`` are JSON text, ``keep_columns`` true or false)."""
     fields = dict(request.form)
     if "params" in fields:
         fields["params"] = read_json(fields["params"], "params") if fields["params"].strip() else {}
+    if "params_columns" in fields:
+        text = fields["params_columns"]
+        fields["params_columns"] = read_json(text, "params_columns") if text.strip() else None
+    if "keep_columns" in fields:
+        # A word that is neither stays text, and BatchCreate refuses it naming the field.
+        fields["keep_columns"] = BOOLEAN_WORDS.get(fields["keep_columns"].strip().lower(), fields["keep_columns"])
     return BatchCreate.model_validate(fields)
+
+
+def query_flag(name):
+    """The query parameter ``name`` as a boolean (absent: false)."""
+    raw = query_text(name)
+    if raw is None:
+        return False
+    if raw.strip().lower() not in BOOLEAN_WORDS:
+        raise InvalidRequestError(f"{name}: {raw!r} is not true or false", param=name)
+    return BOOLEAN_WORDS[raw.strip().lower()]
 
 
 def uploaded_file():
@@ -48,6 +69,8 @@ def create_batch():
     # Uploads may be far larger than JSON bodies; the file part is spooled to disk.
     request.max_content_length = current_app.extensions["qe_settings"].batches.max_bytes
     file = uploaded_file()
+    if query_flag("dry_run"):
+        return preview_batch(batch_form(), file), 200
     batch = submit_batch(batch_form(), file)
     return batches.batch_to_dict(batch), 202, {"Location": url_for(".get_batch", batch_id=batch.id)}
 
@@ -76,21 +99,21 @@ def batch_results(batch_id):
         raise InvalidRequestError(f"format: {file_format!r} is not one of {', '.join(results.FORMATS)}")
     batch = batches.get_batch(get_session(), g.api_key.id, batch_id, g.api_key.is_operator)
     return Response(
-        stream_results(current_app.extensions["qe_sessions"], batch, file_format),
+        stream_results(current_app.extensions["qe_sessions"], batch.id, results.Layout(batch), file_format),
         content_type=results.FORMATS[file_format],
         headers={"Content-Disposition": f'attachment; filename="{batch.id}-results.{file_format}"'},
     )
 
 
-def stream_results(sessions, batch, file_format):
+#: How each format's pieces are written (``queue_engine.results``).
+WRITERS = {"csv": results.csv_pieces, "jsonl": results.jsonl_pieces, "xlsx": results.xlsx_pieces}
+
+
+def stream_results(sessions, batch_id, layout, file_format):
     """The results in pieces, read through a session of their own: the
     request's session is closed before a streamed answer is sent."""
     with sessions() as session:
-        rows = batches.result_rows(session, batch.id)
-        if file_format == "csv":
-            yield from results.csv_pieces(rows, batch.id_column)
-        else:
-            yield from results.jsonl_pieces(rows)
+        yield from WRITERS[file_format](results.result_rows(session, batch_id), layout)
 
 
 @bp.post("/batches/<batch_id>/cancel")

@@ -16,6 +16,7 @@ COMPONENTS = [
     (schemas.BatchCreate, "validation"),
     (schemas.BatchOut, "serialization"),
     (schemas.BatchList, "serialization"),
+    (schemas.BatchDryRun, "serialization"),
     (schemas.WebhookAttemptList, "serialization"),
     (schemas.WebhookEventOut, "serialization"),
     (schemas.ModelList, "serialization"),
@@ -67,6 +68,11 @@ PAGE = [
 ]
 
 
+DRY_RUN = {"name": "dry_run", "in": "query", "schema": {"type": "boolean", "default": False},
+           "description": "check the form and read the whole file as an upload does, store nothing, and answer "
+                          "200 with the counts, the prompt tokens and the first rows"}
+
+
 USAGE_QUERY = [
     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"},
      "description": "first day, YYYY-MM-DD (default: the first of this month, UTC)"},
@@ -85,6 +91,11 @@ def batch_upload_schema():
     properties = {name: field for name, field in form["properties"].items() if name != "params"}
     properties["params"] = {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("Params"),
                             "description": "sampling parameters for every row, as JSON text"}
+    if "params_columns" in properties:
+        properties["params_columns"] = {
+            "type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"type": "object", "additionalProperties": {"type": "string"}},
+            "description": properties["params_columns"].get("description", "")}
     properties["file"] = {"type": "string", "format": "binary", "description": "the CSV or JSONL file"}
     return {"type": "object", "required": ["file", "model"], "properties": properties}
 
@@ -157,9 +168,12 @@ def build_openapi():
             "/api/v1/batches": {
                 "post": {
                     "summary": "Upload a CSV or JSONL file of prompts as a batch",
+                    "parameters": [DRY_RUN],
                     "requestBody": {"required": True,
                                     "content": {"multipart/form-data": {"schema": batch_upload_schema()}}},
-                    "responses": {"202": _json("BatchOut", "the batch, its rows queued"), **_errors(400, 401, 413, 503)},
+                    "responses": {"202": _json("BatchOut", "the batch, its rows queued"),
+                                  "200": _json("BatchDryRun", "dry_run=true: what the batch would be; nothing stored"),
+                                  **_errors(400, 401, 413, 503)},
                 },
                 "get": {
                     "summary": "List your batches, newest first",

@@ -11,7 +11,7 @@ missing from the broker and sends them (``queue_engine.dispatch``).
 
 from flask import current_app, g
 
-from queue_engine import batches, faults, jobs, load, quotas, targets, tribunal, uploads
+from queue_engine import batches, faults, jobs, load, quotas, targets, tokenizers, tribunal, uploads
 
 from . import metrics
 from .db import get_session
@@ -84,10 +84,7 @@ def submit_batch(request_body, file):
     settings = current_app.extensions["qe_settings"]
     check_webhook_url(request_body, settings)
     quotas.check_budget(session, g.api_key)
-    head = file.stream.read(4096)
-    file.stream.seek(0)
-    file_format = uploads.detect_format(file.filename, head)
-    reader = uploads.read_rows(file.stream, file_format, uploads.Upload.from_request(request_body, settings))
+    file_format, reader = read_upload(request_body, file, settings)
     # On a problem with the file nothing is committed: the request's session
     # is closed (rolled back) when the request ends.
     batch = batches.create_batch(session, g.api_key.id, settings, request_body, reader,
@@ -96,6 +93,32 @@ def submit_batch(request_body, file):
     session.commit()
     faults.crash_point(settings, faults.AFTER_COMMIT)  # its rows wait for a dispatcher: nothing lost
     return batch
+
+
+def preview_batch(request_body, file):
+    """A dry run of :func:`submit_batch`: the same checks and the whole file
+    read, nothing stored or sent; what it would store, and its prompt tokens
+    counted with the model's tokenizer (``batches.preview_batch``)."""
+    session = get_session()
+    settings = current_app.extensions["qe_settings"]
+    check_webhook_url(request_body, settings)
+    quotas.check_budget(session, g.api_key)
+    file_format, reader = read_upload(request_body, file, settings)
+    counter = tokenizers.token_counter(settings, request_body.model) if request_body.model in settings.models else None
+    preview = batches.preview_batch(settings, request_body, reader, counter, file_format=file_format)
+    quotas.check_waiting(session, g.api_key, quotas.Waiting(preview["runnable_rows"], preview["planned_tokens"]))
+    session.rollback()
+    return preview
+
+
+def read_upload(request_body, file, settings):
+    """``(file_format, reader)`` for ``file``, once the form's fields fit its format."""
+    head = file.stream.read(4096)
+    file.stream.seek(0)
+    file_format = uploads.detect_format(file.filename, head)
+    upload = uploads.Upload.from_request(request_body, settings)
+    upload.check_format(file_format)
+    return file_format, uploads.read_rows(file.stream, file_format, upload)
 
 
 def sender():

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from queue_engine import structured
 from queue_engine.errors import EngineRejectedError
 
 from . import tiny_model
@@ -91,7 +92,11 @@ def sampling_args(params, streamed=False):
     if response_format["type"] == "json_object":
         args["structured_outputs"] = StructuredOutputsParams(json_object=True)
     elif response_format["type"] == "json_schema":
-        args["structured_outputs"] = StructuredOutputsParams(json=response_format["json_schema"]["schema"])
+        args["structured_outputs"] = StructuredOutputsParams(json=structured.schema_of(response_format))
+    elif response_format["type"] == "choice":
+        args["structured_outputs"] = StructuredOutputsParams(choice=list(response_format["choices"]))
+    elif response_format["type"] == "regex":
+        args["structured_outputs"] = StructuredOutputsParams(regex=response_format["pattern"])
     # Unless streamed: one RequestOutput when the request ends, not one per running request per step.
     args["output_kind"] = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
     return args

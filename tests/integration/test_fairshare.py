@@ -76,17 +76,19 @@ def last_finished(cluster, batch_id):
 def test_a_small_batch_behind_a_large_one_starts_at_once_and_finishes_first(cluster):
     alice, _ = new_key(cluster, "fs-alice")
     bob, _ = new_key(cluster, "fs-bob")
-    large = upload(alice, 3000, "a")
+    large = upload(alice, 5000, "a")
     wait_until(lambda: count(cluster, large, "succeeded") >= 200, 120, "alice's batch to be well under way")
 
-    small = upload(bob, 200, "b")
+    # Large enough that its run spans many of the worker's writes (finished rows are
+    # stored in groups every 0.25 s), so shares over it are not a matter of one group.
+    small = upload(bob, 800, "b")
     uploaded = max(created for (created,) in batch_rows(cluster, small, Job.created_at))
 
     wait_until(lambda: done(cluster, small), 180, "bob's batch to finish")
     started = min(started for (started,) in batch_rows(cluster, small, Job.started_at))
     first_answer = min(finished for (finished,) in batch_rows(cluster, small, Job.finished_at))
     assert (first_answer - uploaded).total_seconds() < 10, "bob's first answers come within seconds, not after alice's"
-    assert count(cluster, small, "succeeded") == 200
+    assert count(cluster, small, "succeeded") == 800
     assert count(cluster, large, "queued") > 0, "bob finished long before alice"
 
     # While both ran, they shared the engine about equally (equal shares).
@@ -100,7 +102,7 @@ def test_a_small_batch_behind_a_large_one_starts_at_once_and_finishes_first(clus
         return count(cluster, large, "running") >= 128 or done(cluster, large)
     wait_until(alice_holds_the_worker, 60, "alice's rows to take the whole worker (max_in_flight 128)")
     wait_until(lambda: done(cluster, large), 300, "alice's batch to finish")
-    assert count(cluster, large, "succeeded") == 3000
+    assert count(cluster, large, "succeeded") == 5000
 
 
 def test_three_keys_share_the_engine_by_weight(cluster):

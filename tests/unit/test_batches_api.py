@@ -156,7 +156,7 @@ def test_results_are_in_input_order_with_formula_cells_escaped(client, auth, bro
 
 def test_results_need_a_known_format(client, auth, broker):
     batch = upload(client, auth, "prompt\nx\n").get_json()
-    response = client.get(f"/api/v1/batches/{batch['id']}/results?format=xlsx", headers=auth)
+    response = client.get(f"/api/v1/batches/{batch['id']}/results?format=parquet", headers=auth)
     assert response.status_code == 400
     assert "format" in response.get_json()["error"]["message"]
 
