@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from . import uploads
 from .errors import InvalidFileError, InvalidRequestError
 from .inputs import format_location
-from .schemas import JobCreate, Params
+from .params import Params
+from .schemas import JobCreate
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

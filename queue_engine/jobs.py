@@ -23,7 +23,8 @@ from .errors import (
 )
 from . import webhooks
 from .models import Job, new_id, utcnow
-from .schemas import JobOut, Params
+from .params import Params
+from .schemas import JobOut
 from .states import check_move
 
 

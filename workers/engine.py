@@ -76,7 +76,7 @@ TRANSLATED_PARAMS = {"logprobs", "top_logprobs", "response_format"}
 
 def sampling_args(params, streamed=False):
     """vLLM ``SamplingParams`` keyword arguments from a job's params (OpenAI's names,
-    :class:`queue_engine.schemas.Params` dumped; keys it leaves out take vLLM's defaults).
+    :class:`queue_engine.params.Params` dumped; keys it leaves out take vLLM's defaults).
     A ``streamed`` request gets each step's new tokens, the others one output at the end."""
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 

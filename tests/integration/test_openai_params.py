@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from queue_engine import completions
-from queue_engine.schemas import Params
+from queue_engine.params import Params
 from tests.integration.test_engine_preemption import engine  # noqa: F401 (the module's engine fixture)
 from workers.engine import GenerationRequest
 

@@ -1,11 +1,11 @@
-"""OpenAI's parameter names in a job's ``params`` (queue_engine.schemas.Params),
+"""OpenAI's parameter names in a job's ``params`` (queue_engine.params.Params),
 through POST /api/v1/jobs: each bad value is a 400 naming the field, and a job
 stores only the new parameters it asked for."""
 
 import pytest
 
 from queue_engine.models import Job
-from queue_engine.schemas import Params
+from queue_engine.params import Params
 
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "v", "schema": {"enum": ["a"]}, "strict": True}}
 
