@@ -87,6 +87,18 @@ def loop(engine):
     loop.stop()
 
 
+@pytest.fixture
+def unstarted(engine):
+    """A loop not started yet: what is submitted before ``start()`` is all in
+    its inbox at its first look (a started loop may take the first request
+    and block in a gated step before the others arrive)."""
+    loop = EngineLoop(engine, idle_wait=0.01)
+    yield loop
+    engine.gated = False
+    engine.step_gate.release()
+    loop.stop()
+
+
 def test_loop_batches_requests_that_arrive_together(engine, loop):
     """Requests submitted before a step all run in that step: one batch, not one call each."""
     engine.gated = True
@@ -193,15 +205,17 @@ def test_bulk_rows_take_the_seats_that_free_up(engine, loop):
     assert sum(sizes) == 130 and max(sizes) == 60
 
 
-def test_a_newcomers_rows_take_the_next_seats_ahead_of_rows_the_worker_already_held(engine, loop):
+def test_a_newcomers_rows_take_the_next_seats_ahead_of_rows_the_worker_already_held(engine, unstarted):
     """Seats go by share between keys, not by arrival: bob's rows, arriving
     behind 60 of alice's waiting ones, share the very next step with hers."""
     def row(name, tenant):
         return GenerationRequest(request_id=name, params={"steps": 1}, prompt="hi", lane="bulk", tenant=tenant)
 
+    loop = unstarted
     engine.gated = True
     for i in range(120):
         loop.submit(row(f"a{i:03}", "alice"))
+    loop.start()
     wait_until(lambda: loop.bulk_waiting == 60, 5, "60 of alice's rows seated, 60 waiting")
     bob = [f"b{i:02}" for i in range(20)]
     for name in bob:
@@ -213,10 +227,12 @@ def test_a_newcomers_rows_take_the_next_seats_ahead_of_rows_the_worker_already_h
     assert sum(name.startswith("a") for name in engine.batches[1]) == 40
 
 
-def test_a_waiting_bulk_row_can_be_aborted(engine, loop):
+def test_a_waiting_bulk_row_can_be_aborted(engine, unstarted):
+    loop = unstarted
     engine.gated = True
     for i in range(61):
         loop.submit(request(f"b{i:02}", steps=5, lane="bulk"))
+    loop.start()
     wait_until(lambda: loop.bulk_waiting == 1, 5, "one row left waiting")
     loop.abort("b60")
     engine.step_gate.release()
