@@ -300,18 +300,22 @@ def revoke_api_key(session, name, cancel_work=False):
         unfinished = session.scalars(select(Job.id).where(
             Job.owner_id == row.id, Job.batch_id.is_(None), Job.parent_id.is_(None),
             Job.status.in_([jobs.JobState.QUEUED.value, jobs.JobState.RUNNING.value]))).all()
-        for job_id in unfinished:
-            try:
-                jobs.cancel_job(session, row.id, job_id)
-                cancelled_jobs += 1
-            except JobFinishedError:  # it ended since it was listed
-                pass
+        cancelled_jobs = _cancel_each(unfinished, lambda job_id: jobs.cancel_job(session, row.id, job_id),
+                                      JobFinishedError)
         in_progress = session.scalars(select(Batch.id).where(
             Batch.owner_id == row.id, Batch.status == batches.BatchState.IN_PROGRESS.value)).all()
-        for batch_id in in_progress:
-            try:
-                batches.cancel_batch(session, row.id, batch_id)
-                cancelled_batches += 1
-            except BatchFinishedError:  # it ended since it was listed
-                pass
+        cancelled_batches = _cancel_each(
+            in_progress, lambda batch_id: batches.cancel_batch(session, row.id, batch_id), BatchFinishedError)
     return Revocation(row.name, row.revoked_at, cancelled_jobs, cancelled_batches)
+
+
+def _cancel_each(ids, cancel, finished_error):
+    """``cancel(id)`` each of ``ids``; how many it cancelled (one that ended since it was listed is skipped)."""
+    cancelled = 0
+    for item_id in ids:
+        try:
+            cancel(item_id)
+            cancelled += 1
+        except finished_error:
+            pass
+    return cancelled

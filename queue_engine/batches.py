@@ -352,18 +352,8 @@ def settle(session, batch_id):
         completed_at=utcnow())
     ).rowcount == 1
     if ended:
-        add_token_totals(session, batch_id)
         announce_end(session, batch_id)
     return ended
-
-
-def add_token_totals(session, batch_id):
-    """Sum the succeeded rows' tokens onto the batch row, in the transaction
-    that ends the batch, so ``usage`` is one primary-key read."""
-    prompt, completion = session.execute(
-        select(func.coalesce(func.sum(Job.prompt_tokens), 0), func.coalesce(func.sum(Job.completion_tokens), 0))
-        .where(Job.batch_id == batch_id, Job.status == JobState.SUCCEEDED.value)).one()
-    session.execute(update(Batch).where(Batch.id == batch_id).values(prompt_tokens=prompt, completion_tokens=completion))
 
 
 def announce_end(session, batch_id):

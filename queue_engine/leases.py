@@ -324,8 +324,7 @@ def _store_generations(session, outcomes, now, state=JobState.SUCCEEDED):
 
 def _add_batch_usage(session, outcomes):
     """Add the generations' tokens and engine seconds to their batches, so a
-    batch's totals are one primary-key read while it runs (at its end
-    ``batches.add_token_totals`` writes the same token sums again).
+    batch's totals are one primary-key read, while it runs and after.
 
     Batches in id order, so transactions finishing rows of the same batches
     lock them in one order."""

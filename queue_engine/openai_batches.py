@@ -28,7 +28,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from . import dispatch, uploads
-from .batches import ACTIVE, BatchState, add_counts, add_token_totals, announce_end, batch_transition, create_batch
+from .batches import ACTIVE, BatchState, add_counts, announce_end, batch_transition, create_batch
 from .completions import ENDPOINTS, response_body
 from .errors import InvalidFileError, InvalidRequestError
 from .files import NoSuchFileError, get_file, new_file_id, open_content
@@ -319,7 +319,6 @@ def expire_batches(session, now=None):
                 add_counts(session, batch_id, cancelled=cancelled)
             continue
         dispatch.drop_chunks(session, batch_id)
-        add_token_totals(session, batch_id)
         announce_end(session, batch_id)
         expired.append(batch_id)
     return expired
