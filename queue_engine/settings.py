@@ -247,6 +247,12 @@ class Settings(_Frozen):
     web_threads: int = Field(
         64, ge=1, le=10000,
         description="request threads per web process; a long-poll holds one while it waits")
+    secret_key: str | None = Field(
+        None, description="signs the dashboard's session cookies; default a random key kept in data_dir/secret_key "
+                          "(set the same one on every web host of a deployment)")
+    secure_cookies: bool = Field(
+        True, description="the dashboard's session cookie goes over HTTPS only (browsers count http://localhost and "
+                          "127.0.0.1 as secure); false to sign in over plain HTTP from another machine")
     batches: BatchSettings = Field(default_factory=BatchSettings)
     files: FileSettings = Field(default_factory=FileSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)

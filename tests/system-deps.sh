@@ -13,6 +13,10 @@ command -v munged >/dev/null || missing+=(munge)
 # PostgreSQL's server binaries: the chaos tests start and restart a cluster of their own.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
+# The dashboard's browser tests drive Debian's Chromium (through Playwright);
+# the metrics tests start a real Prometheus server that scrapes the service.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v prometheus >/dev/null || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing system packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
