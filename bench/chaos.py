@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import save  # noqa: E402
 from tests.chaos import (  # noqa: E402
     Rig,
     killed_between_commit_and_send,
@@ -97,7 +98,7 @@ def main():
     lost = sum(f["lost"] for database in args.databases.split(",") for f in figures[database].values())
     twice = sum(f["run_twice"] for database in args.databases.split(",") for f in figures[database].values())
     figures["lost_in_all"], figures["run_twice_in_all"] = lost, twice
-    print(json.dumps(figures))
+    save("chaos", figures)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ line.
 
 import argparse
 import io
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE, PYTHON, cluster_env  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
@@ -50,12 +50,13 @@ def csv_of(rows, tag):
 
 
 class Service:
-    """Redis, `serve` and one worker for ``model``, on a fresh SQLite database."""
+    """Redis, `serve` and one worker for ``model``, on a fresh SQLite database;
+    ``extra_env``: more ``QUEUE_ENGINE_*`` settings for both."""
 
-    def __init__(self, tmp, model, model_dir, chunk_rows):
+    def __init__(self, tmp, model, model_dir, chunk_rows, extra_env=None):
         self.redis = RedisServer(tmp)
-        self.env = cluster_env(tmp, self.redis.url, model, model_dir, 256,
-                               extra_toml=f"[batches]\nchunk_rows = {chunk_rows}\n")
+        self.env = {**cluster_env(tmp, self.redis.url, model, model_dir, 256,
+                                  extra_toml=f"[batches]\nchunk_rows = {chunk_rows}\n"), **(extra_env or {})}
         self.sessions = make_sessions(self.env["QUEUE_ENGINE_DATABASE_URL"])
         self.model = model
         port = free_port()
@@ -171,7 +172,7 @@ def main():
             }
         finally:
             service.stop()
-    print(json.dumps(figures))
+    save("fairness", figures)
 
 
 if __name__ == "__main__":

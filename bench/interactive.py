@@ -19,7 +19,6 @@ Prints the figures as one JSON object on its last line.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.batches import Service, latencies, percentile, redis_flush, write_csv  # noqa: E402
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE, cluster_env, make_prompts  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from queue_engine.settings import ModelProfile, load_settings  # noqa: E402
@@ -150,7 +150,7 @@ def main():
                     figures[f"{name}.{key}"] = figure
         finally:
             redis.stop()
-    print(json.dumps(figures))
+    save("interactive", figures)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
+from bench.results import save  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
 from tests.helpers import RedisServer, free_port, spawn, stop_process, wait_until_serving  # noqa: E402
@@ -197,7 +198,7 @@ def main():
     if "plain" in results and "wait" in results:
         figures["wait_get_requests_over_plain"] = round(
             results["wait"]["get_requests"] / max(1, results["plain"]["get_requests"]), 3)
-    print(json.dumps(figures))
+    save("load", figures)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE, PYTHON, cluster_env, make_prompts, offline_generate  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.db import make_sessions, transaction  # noqa: E402
@@ -193,7 +194,7 @@ def main():
         "sync_overhead_ms": round(1000 * (sync_s - engine_s), 1),
         "ratio_sync_vs_engine": round(sync_s / engine_s, 2),
     }
-    print(json.dumps(figures))
+    save("openai_stream", figures)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ real `queue-engine worker` processes (vLLM, the CPU build) started by SLURM.
 3. Idle -> zero: from the batch's last row to no worker job left in squeue,
    with ``idle_grace`` 5 s (goal: idle_grace + 5 s).
 
+Through (2) and (3) it samples a timeline every 0.5 s (``timeline``: the
+backlog as the autoscaler reads it, worker jobs by allocation state, rows
+done), which ``bench/report.py`` plots.
+
 Prints the figures as one JSON object on its last line.
 
     python bench/scale_out.py [--rounds 10] [--batches 2] [--rows 600] [--database-url ...]
@@ -21,7 +25,6 @@ Prints the figures as one JSON object on its last line.
 
 import argparse
 import io
-import json
 import os
 import random
 import secrets
@@ -29,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +44,11 @@ import redis  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.batches import percentile  # noqa: E402
+from bench.results import save  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from queue_engine.db import make_sessions, transaction, upgrade_database  # noqa: E402
+from queue_engine.load import read_backlog  # noqa: E402
 from queue_engine.models import Job, WorkerAllocation  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from slurm.commands import Slurm  # noqa: E402
@@ -51,6 +58,8 @@ from tests.integration.conftest import MODEL_CACHE  # noqa: E402
 from workers.engine import resolve_model_dir  # noqa: E402
 
 IDLE_GRACE = 5
+#: Seconds between two points of the timeline of (2) and (3).
+TIMELINE_STEP = 0.5
 #: A setup line that stamps the moment the job's shell starts into its output.
 STAMP = 'echo "qe-bench-started $(date +%s.%N)"'
 
@@ -148,6 +157,28 @@ def batch_round(deployment, rows):
     }
 
 
+def timeline_point(session, deployment, since):
+    """The backlog of model ``tiny`` (as the autoscaler reads it), ``deployment``'s
+    live worker jobs by allocation state, and batch rows finished since ``since``."""
+    workers = dict(session.execute(
+        select(WorkerAllocation.state, func.count())
+        .where(WorkerAllocation.deployment == deployment, WorkerAllocation.ended_at.is_(None))
+        .group_by(WorkerAllocation.state)).all())
+    rows_done = session.scalar(select(func.count()).select_from(Job).where(
+        Job.model == "tiny", Job.batch_id.is_not(None), Job.status == "succeeded", Job.finished_at >= since))
+    return {"backlog": read_backlog(session, ["tiny"])["backlog"], "workers": workers, "rows_done": rows_done}
+
+
+def record_timeline(deployment, stop, points):
+    """Append a timeline point (``t_s`` from now on) to ``points`` every
+    TIMELINE_STEP s until ``stop`` is set; run it in a thread."""
+    since, started = datetime.now(timezone.utc), time.monotonic()
+    while not stop.wait(TIMELINE_STEP):
+        with deployment.sessions() as session:
+            point = timeline_point(session, deployment.deployment, since)
+        points.append({"t_s": round(time.monotonic() - started, 2), **point})
+
+
 def summary(values):
     return {"p50": round(statistics.median(values), 3), "p95": round(percentile(values, 95), 3),
             "max": round(max(values), 3)}
@@ -175,7 +206,8 @@ def main():
         sleeper = 'gpus = 1\ncpus = 1\nmem = "100M"\nmax_workers = 1\ntarget_backlog_per_worker = 1\nsetup = ["sleep 600"]\n'
         worker = (f'gpus = 1\ncpus = 2\nmem = "3G"\nmax_workers = 2\ntarget_backlog_per_worker = 64\n'
                   f"setup = ['{STAMP}', 'export PATH={Path(sys.executable).parent}:$PATH']\n")
-        figures = {"database": database_url.split(":")[0], "idle_grace_s": IDLE_GRACE}
+        figures = {"database": database_url.split(":")[0], "idle_grace_s": IDLE_GRACE, "batches": args.batches,
+                   "rows": args.rows}
         run = secrets.token_hex(2)  # deployments of their own, should the database be shared with earlier runs
         deployments = []
         try:
@@ -190,18 +222,26 @@ def main():
             print(f"(2, 3) {args.batches} batches of {args.rows} rows on a model with no workers ...", flush=True)
             deployment = Deployment(tmp, f"workers-{run}", slurm_env, redis_server.url, database_url, model_dir, 1, worker)
             deployments.append(deployment)
-            rounds = [batch_round(deployment, args.rows) for _ in range(args.batches)]
+            stop, timeline = threading.Event(), []
+            sampler = threading.Thread(target=record_timeline, args=(deployment, stop, timeline), daemon=True)
+            sampler.start()
+            try:
+                rounds = [batch_round(deployment, args.rows) for _ in range(args.batches)]
+            finally:
+                stop.set()
+                sampler.join()
             for name in rounds[0]:
                 figures[name] = [round(r[name], 2) for r in rounds]
             figures["idle_to_zero_vs_goal"] = round(max(figures["idle_to_zero_s"]) / (IDLE_GRACE + 5), 2)
             figures["backlog_to_sbatch_vs_goal"] = round(figures["backlog_to_sbatch_interval_1s"]["max"] / 2, 2)
+            figures["timeline"] = timeline
         finally:
             for deployment in deployments:
                 deployment.stop()
             redis_server.stop()
             subprocess.run(["bash", ROOT / "slurm" / "local" / "stop.sh", tmp / "slurm"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    print(json.dumps(figures))
+    save("scale_out", figures)
 
 
 if __name__ == "__main__":

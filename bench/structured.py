@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select, update  # noqa: E402
 
 from bench.fairness import Service  # noqa: E402
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE  # noqa: E402
 from queue_engine.models import Job  # noqa: E402
 from tests.helpers import stop_process  # noqa: E402
@@ -154,7 +155,7 @@ def main():
             figures["xlsx"] = download(service, client, batch_id, "xlsx", Path(tmp))
         finally:
             service.stop()
-    print(json.dumps(figures))
+    save("structured", figures)
 
 
 if __name__ == "__main__":

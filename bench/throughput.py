@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import save  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
@@ -245,7 +246,7 @@ def main():
         "orchestration_cpu_ms_per_job": round(
             1000 * (sum(service["cpu_s"].values()) - offline["cpu_s"]) / args.prompts, 2),
     }
-    print(json.dumps(figures))
+    save("throughput", figures)
 
 
 if __name__ == "__main__":

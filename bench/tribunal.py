@@ -18,7 +18,6 @@ Prints the figures as one JSON object on its last line.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.batches import Service, percentile, write_csv  # noqa: E402
+from bench.results import save  # noqa: E402
 from bench.throughput import CACHE, cluster_env, make_prompts  # noqa: E402
 from queue_engine.settings import load_settings  # noqa: E402
 from tests.helpers import RedisServer, wait_until  # noqa: E402
@@ -151,7 +151,7 @@ def main():
         finally:
             service.stop()
             redis.stop()
-    print(json.dumps(figures))
+    save("tribunal", figures)
 
 
 if __name__ == "__main__":

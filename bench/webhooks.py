@@ -23,7 +23,6 @@ Prints the figures as one JSON object on its last line.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.batches import Service, percentile  # noqa: E402
+from bench.results import save  # noqa: E402
 from bench.throughput import cluster_env  # noqa: E402
 from queue_engine.apikeys import create_api_key  # noqa: E402
 from queue_engine.client import Client  # noqa: E402
@@ -251,7 +251,7 @@ def main():
             stop_process(delivery)
             service.stop()
             redis.stop()
-    print(json.dumps(figures))
+    save("webhooks", figures)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -64,6 +65,18 @@ def find_api_key(session, key):
         return None
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def find_signed_in_key(session, key_id, key_hash):
+    """The live :class:`ApiKey` a dashboard session signed in with: the row
+    ``key_id`` if its stored hash is ``key_hash``, or None (unknown, revoked,
+    or a session that does not hold both)."""
+    if not isinstance(key_id, int) or not isinstance(key_hash, str):
+        return None
+    row = session.get(ApiKey, key_id, populate_existing=True)
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, key_hash):
         return None
     return row
 

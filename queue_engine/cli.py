@@ -7,10 +7,13 @@ domain package stays free of them and ``--help`` stays fast.
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import click
 
+from . import cli_logging
 from .cli_keys import keys
 from .db import make_sessions, upgrade_database
 from .errors import QueueEngineError
@@ -48,11 +51,31 @@ def serve_with_gunicorn(settings, host, port, workers):
 
     click.echo(f"queue-engine serving on http://{host}:{port} (cluster mode, gunicorn, {workers} processes)")
     code = run_gunicorn(settings, host, port, workers)
+    shutil.rmtree(os.environ[MULTIPROC_ENV], ignore_errors=True)
     # The dispatcher's and delivery's threads end with this process; what
     # they had not done yet waits in the database for the next start.
     logging.shutdown()
     sys.stdout.flush()
     os._exit(code if code >= 0 else 128 - code)
+
+
+#: prometheus_client's switch to multiprocess mode (``queue_engine.metrics``,
+#: not imported here: the switch must be set before prometheus_client is imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_metrics_between_processes():
+    """``serve --workers N``: this process (the dispatcher, webhook delivery)
+    and gunicorn's count into files in one fresh directory, which every
+    scrape of ``/metrics`` sums. gunicorn's processes inherit the setting."""
+    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="queue-engine-metrics-")
+
+
+def serve_metrics(port):
+    """Serve this process's Prometheus metrics on ``port`` (every interface), from a thread."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr="0.0.0.0")
 
 
 def read_settings():
@@ -64,9 +87,17 @@ def read_settings():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="INFO", envvar="QUEUE_ENGINE_LOG_LEVEL", show_default=True, help="Python log level.")
-def main(log_level):
+@click.option("-v", "--verbose", is_flag=True, envvar="QUEUE_ENGINE_VERBOSE",
+              help="Show the libraries' log lines (Celery per task, vLLM, alembic) on the terminal; "
+                   "`demo` and `serve` hold them back otherwise.")
+def main(log_level, verbose):
     """queue-engine: batch inference for LLMs on SLURM clusters."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging.log_to_stderr(log_level.upper())
+
+
+def is_verbose(ctx):
+    """Whether ``-v`` was given to ``queue-engine`` itself."""
+    return ctx.find_root().params["verbose"]
 
 
 main.add_command(keys)
@@ -84,10 +115,14 @@ main.add_command(keys)
 def serve(host, port, worker_model, web_workers):
     """Serve the HTTP API, send waiting work to the broker and deliver webhooks
     (embedded mode also runs a worker inside)."""
+    if not is_verbose(click.get_current_context()):
+        cli_logging.quiet_chatty_libraries()
     settings = read_settings()
     if web_workers and settings.is_embedded:
         raise click.ClickException("--workers needs cluster mode (set QUEUE_ENGINE_BROKER_URL): "
                                    "embedded mode runs in one process")
+    if web_workers:
+        share_metrics_between_processes()
     if settings.is_embedded:
         celery_app = start_embedded_worker(settings, worker_model)
     else:
@@ -113,7 +148,7 @@ def serve(host, port, worker_model, web_workers):
 @click.option("--model", "-m", required=True, help="The model profile to serve.")
 @click.option("--concurrency", type=int, default=None, help="Task threads; default the profile's max_in_flight.")
 @click.option("--metrics-port", type=int, default=None, envvar="QUEUE_ENGINE_METRICS_PORT",
-              help="Serve Prometheus metrics on this port.")
+              help="Serve Prometheus metrics on this port (the README's scrape config uses 9320); default none.")
 def worker(model, concurrency, metrics_port):
     """Run a Celery worker with an in-process engine for MODEL."""
     from workers.celery_app import make_celery
@@ -125,9 +160,7 @@ def worker(model, concurrency, metrics_port):
     except QueueEngineError as e:
         raise click.ClickException(str(e)) from e
     if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, addr="0.0.0.0")
+        serve_metrics(metrics_port)
     try:
         code = run_worker(make_celery(settings), model, concurrency) or 0
     except SystemExit as e:  # how Celery ends a warm shutdown
@@ -143,7 +176,9 @@ def worker(model, concurrency, metrics_port):
 
 @main.command()
 @click.option("--once", is_flag=True, help="Decide once and exit (to see what it would do, or from cron).")
-def autoscale(once):
+@click.option("--metrics-port", type=int, default=None, envvar="QUEUE_ENGINE_AUTOSCALER_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (the README's scrape config uses 9321); default none.")
+def autoscale(once, metrics_port):
     """Submit and stop SLURM worker jobs as the queues of the models with a
     [models.X.slurm] table grow and drain. Several may run for one deployment:
     one leads, the others stand by and take over if it dies."""
@@ -160,6 +195,8 @@ def autoscale(once):
                             Slurm(timeout=settings.autoscaler.command_timeout))
     if not autoscaler.models:
         raise click.ClickException("no model profile has a [models.X.slurm] table; nothing to scale")
+    if metrics_port and not once:
+        serve_metrics(metrics_port)
     if once:
         try:
             led = autoscaler.step()
@@ -217,15 +254,24 @@ def build_tiny(directory, size):
 
 @main.command()
 @click.option("--prompts", type=int, default=8, show_default=True, help="How many sample prompts to run.")
-def demo(prompts):
-    """Start the embedded service, run sample prompts through it over HTTP, print the results."""
+@click.option("-v", "--verbose", is_flag=True, help="Show the log lines here too, not only in the log file.")
+@click.pass_context
+def demo(ctx, prompts, verbose):
+    """Start the embedded service, run sample prompts through it over HTTP, print the results.
+
+    Log lines go to DATA_DIR/logs/queue-engine.log (and with -v to the terminal)."""
     settings = read_settings()
     if not settings.is_embedded:
         raise click.ClickException("the demo runs in embedded mode; unset QUEUE_ENGINE_BROKER_URL")
-    celery_app = start_embedded_worker(settings, "tiny")
-    from web.demo import run_demo
+    verbose = verbose or is_verbose(ctx)
+    log_file = settings.data_dir / "logs" / "queue-engine.log"
+    cli_logging.log_to_file(log_file, ctx.find_root().params["log_level"].upper(), verbose)
+    click.echo(f"logging to {log_file}" + ("" if verbose else " (-v shows the log here too)"))
+    with cli_logging.stderr_to(log_file, enabled=not verbose):
+        celery_app = start_embedded_worker(settings, "tiny")
+        from web.demo import run_demo
 
-    run_demo(settings, celery_app, prompts, echo=click.echo)
+        run_demo(settings, celery_app, prompts, echo=click.echo)
 
 
 from .cli_client import results, status, submit  # noqa: E402  (their own modules; they need nothing of this one)

@@ -24,7 +24,7 @@ worker that lost it is dropped instead of overwriting the new worker's.
 
 import os
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import JSON, bindparam, select, update
@@ -37,7 +37,8 @@ from .models import ApiKey, Batch, Job, utcnow
 
 #: What a worker needs of an item it claimed.
 CLAIMED_COLUMNS = (Job.id, Job.model, Job.lane, Job.prompt, Job.messages, Job.params, Job.attempts,
-                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url, Job.stream, Job.owner_id)
+                   Job.batch_id, Job.chunk, Job.parent_id, Job.webhook_url, Job.stream, Job.owner_id,
+                   Job.created_at, Job.started_at)
 
 
 class Item(NamedTuple):
@@ -60,6 +61,9 @@ class Item(NamedTuple):
     owner_id: int | None = None
     #: Its key's share of the bulk lane (batch rows only; ``queue_engine.fairshare``).
     share: float = 1.0
+    #: When it was submitted and first started (for the worker's latency metrics).
+    created_at: datetime | None = None
+    started_at: datetime | None = None
 
     @property
     def request_id(self):
@@ -82,11 +86,13 @@ class Finished(NamedTuple):
     back after an engine error (to the queue; in a batch being cancelled, to
     its cancelled rows). Outcomes of items the worker no longer held are in
     neither, and ``next_jobs``, ``(job_id, model)`` of work it created (a
-    tribunal's next steps), to send once the transaction has committed."""
+    tribunal's next steps), to send once the transaction has committed.
+    ``failed``: the ids among ``ended`` that failed (the others succeeded)."""
 
     ended: list
     requeued: list
     next_jobs: list
+    failed: list = ()
 
 
 def worker_identity():
@@ -235,7 +241,8 @@ def finish(session, worker, outcomes, settings):
     usage.record(session, [usage.Increment(
         held[o.item.id], o.item.model, now.date(), 1, o.generation.prompt_tokens, o.generation.completion_tokens,
         engine_seconds(o.generation)) for o in succeeded + invalid])
-    return Finished([item.id for item, _ in ended], [item.id for item, _ in retried], next_jobs)
+    return Finished([item.id for item, _ in ended], [item.id for item, _ in retried], next_jobs,
+                    [item.id for item, state in ended if state == JobState.FAILED])
 
 
 def _hold(session, worker, job_ids):

@@ -16,8 +16,9 @@ Each reading is a few index lookups, whatever the size of the backlog.
 from sqlalchemy import func, select, text
 
 from .batches import ACTIVE
+from .dispatch import ChunkState
 from .keys import LANES, queue_name
-from .models import WAITING_ALONE, Batch, Job
+from .models import WAITING_ALONE, Batch, BatchChunk, Job
 
 
 def read_backlog(session, models):
@@ -54,3 +55,31 @@ def read_backlog(session, models):
 
 def _count_by_lane(session, query):
     return {(model, lane): count for model, lane, count in session.execute(query.group_by(Job.model, Job.lane))}
+
+
+def read_oldest_waiting(session, models):
+    """When the oldest request still waiting in each lane of ``models`` was submitted.
+
+    Jobs that travel alone (single jobs, tribunal steps): the least
+    ``created_at`` of the lane's waiting jobs, found through the partial
+    index of waiting jobs. Batch rows are stored with their batch, so the
+    bulk lane also takes the ``created_at`` of the oldest batch that has a
+    chunk no worker has taken yet (the chunks' state index; a chunk whose
+    rows must run again is pending again).
+
+    Returns:
+        ``{(model, lane): created_at}``, only for lanes where something waits.
+    """
+    models = sorted(set(models))
+    oldest = {(model, lane): at for model, lane, at in session.execute(
+        select(Job.model, Job.lane, func.min(Job.created_at))
+        .where(Job.model.in_(models), text(WAITING_ALONE)).group_by(Job.model, Job.lane))}
+    batches = session.execute(
+        select(BatchChunk.model, func.min(Batch.created_at))
+        .join(Batch, Batch.id == BatchChunk.batch_id)
+        .where(BatchChunk.state.in_([ChunkState.PENDING.value, ChunkState.SENT.value]), BatchChunk.model.in_(models))
+        .group_by(BatchChunk.model))
+    for model, at in batches:
+        known = oldest.get((model, "bulk"))
+        oldest[(model, "bulk")] = at if known is None else min(known, at)
+    return oldest

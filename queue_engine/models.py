@@ -153,6 +153,8 @@ class File(Base):
 #: A queued job that is carried by a message of its own (not a batch row, not
 #: a tribunal, whose steps are the jobs that run).
 WAITING_ALONE = "status = 'queued' AND batch_id IS NULL AND kind != 'tribunal'"
+#: A job the API lists: a single job or a tribunal (not a batch row, not a tribunal's step).
+TOP_LEVEL = "batch_id IS NULL AND parent_id IS NULL"
 
 
 class Job(Base):
@@ -176,6 +178,14 @@ class Job(Base):
         # while they wait: what the dispatcher sends and counts.
         Index("ix_jobs_waiting", "model", "dispatched_at",
               sqlite_where=text(WAITING_ALONE), postgresql_where=text(WAITING_ALONE)),
+        # The newest single jobs and tribunals of a key (by id) and of all
+        # keys (by time; see overview.recent_jobs), without walking past batch
+        # rows; and the jobs that finished in the last minutes (tokens/s).
+        Index("ix_jobs_top_level_owner", "owner_id", "id",
+              sqlite_where=text(TOP_LEVEL), postgresql_where=text(TOP_LEVEL)),
+        Index("ix_jobs_top_level_created", "created_at", "id",
+              sqlite_where=text(TOP_LEVEL), postgresql_where=text(TOP_LEVEL)),
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -31,11 +31,13 @@ stops acting for the rest of the step.
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-from queue_engine import allocations, leadership, load, scaling
+from queue_engine import allocations, leadership, load, metrics, scaling
 from queue_engine.allocations import AllocationState, ScalingHealth
 from queue_engine.db import transaction
+from queue_engine.metrics import DECISIONS, DESIRED, LEADING, WORKERS
 from queue_engine.models import utcnow
 
 from .commands import SlurmError
@@ -66,6 +68,7 @@ class Autoscaler:
         self.lease = leadership.autoscaler_lease(self.deployment)
         self.leading = False
         self._standing_by_for = None  # the holder last named in a "standing by" line
+        metrics.initialize(settings, "autoscaler", list(self.models))
 
     def run(self, stop=None):
         """Decide every ``interval`` seconds until ``stop`` (an Event) is set,
@@ -125,7 +128,15 @@ class Autoscaler:
                      self.lease, other.expires_at.isoformat(timespec="seconds"))
             self._standing_by_for = other.holder
         self.leading = leading
+        self.show_leading(leading)
         return leading
+
+    def show_leading(self, leading):
+        """The metrics of leading; a standby shows no workers, so the leader's are not counted twice."""
+        LEADING.labels(self.deployment).set(1 if leading else 0)
+        if not leading:
+            WORKERS.clear()
+            DESIRED.clear()
 
     def release(self):
         """Give the lease up (a clean exit), so that a standby need not wait for it to run out."""
@@ -136,6 +147,7 @@ class Autoscaler:
             log.exception("could not release the lease %r; a standby takes over when it runs out", self.lease)
             return
         self.leading = False
+        self.show_leading(False)
         if released:
             log.info("released the lease %r", self.lease)
 
@@ -181,8 +193,18 @@ class Autoscaler:
             log.log(logging.DEBUG if quiet else logging.INFO, "%s: %s: %s", model, decision.action, decision.reason)
             state.backlog, state.desired = backlog, decision.desired
             state.action, state.reason, state.decided_at = decision.action, decision.reason, now
+            states = Counter(a.state for a in allocations.active(session, self.deployment, model))
             leadership.renew(session, self.lease, self.holder, ttl)  # from now: a long round keeps its lease
+        self.count_decision(model, decision, states)
         return True
+
+    def count_decision(self, model, decision, states):
+        """The metrics of a committed round: its decision, and the model's
+        worker jobs by state (``states``: ``{state: count}``) after it acted."""
+        DECISIONS.labels(self.deployment, model, decision.action).inc()
+        DESIRED.labels(self.deployment, model).set(decision.desired)
+        for state in allocations.ACTIVE_STATES:
+            WORKERS.labels(self.deployment, model, state).set(states.get(state, 0))
 
     def sync(self, session, model, slurm_jobs, state):
         """Bring the database up to what SLURM says: adopt unknown jobs,

@@ -27,10 +27,9 @@ from queue_engine.apikeys import create_api_key
 from queue_engine.client import Client
 from queue_engine.db import make_sessions, transaction, upgrade_database
 from queue_engine.models import Batch, Job, WebhookEvent
-from tests.helpers import free_port, spawn, stop_process, wait_until, wait_until_serving
+from tests.helpers import free_port, metric_value, spawn, stop_process, wait_until, wait_until_serving
 from tests.receiver import Receiver
 
-FINISHED = 'qe_engine_requests_total{outcome="finished"}'
 WORKER_START_TIMEOUT = 240
 JOB_ENDS = ("succeeded", "failed", "cancelled")
 BATCH_ENDS = ("completed", "failed", "cancelled")
@@ -67,8 +66,7 @@ class Process(NamedTuple):
     def finished(self):
         """The engine's finished generations (a worker's Prometheus counter)."""
         text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        line = next((ln for ln in text.splitlines() if ln.startswith(FINISHED)), None)
-        return float(line.split()[-1]) if line else 0.0
+        return metric_value(text, "qe_engine_requests_total", outcome="finished")
 
 
 class Rig:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from queue_engine.db import transaction
@@ -167,6 +168,13 @@ def wait_until_serving(url, process, log_path, timeout):
             return False
 
     wait_until(up, timeout, f"`queue-engine serve` at {url} (log: {log_path})", 0.2)
+
+
+def metric_value(text, name, **labels):
+    """The sum of the samples called ``name`` in a Prometheus scrape ``text``
+    whose labels include ``labels`` (0 when there are none)."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def response_schema(spec, path, method, status):

@@ -1,4 +1,5 @@
-"""The Flask web service: the public HTTP API in front of the database and the queues."""
+"""The Flask web service: the public HTTP API in front of the database and the
+queues, and the dashboard (HTML pages for people, signed in with an API key)."""
 
 from flask import Flask
 from werkzeug.routing import BaseConverter
@@ -7,7 +8,7 @@ from queue_engine.broker import Sender, make_celery
 from queue_engine.db import make_engine, make_session_factory
 from queue_engine.settings import load_settings
 
-from . import auth, batches, db, errors, health, jobs, keys, metrics, models, openapi, tribunals, usage, v1_batches, v1_completions, v1_files, v1_models, webhooks
+from . import auth, batches, dashboard, dashboard_auth, db, errors, health, jobs, keys, metrics, models, openapi, tribunals, usage, v1_batches, v1_completions, v1_files, v1_models, webhooks
 
 
 class SegmentConverter(BaseConverter):
@@ -57,4 +58,6 @@ def create_app(settings=None, celery_app=None):
     app.register_blueprint(v1_batches.bp)
     app.register_blueprint(v1_models.bp)
     app.register_blueprint(v1_completions.bp)
+    dashboard_auth.init_app(app)
+    dashboard.init_app(app)
     return app

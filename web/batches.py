@@ -7,6 +7,7 @@ from queue_engine.errors import InvalidRequestError
 from queue_engine.inputs import read_json, text_problem
 from queue_engine.schemas import BatchCreate
 
+from . import queueing
 from .auth import require_api_key
 from .db import get_session
 from .jobs import query_int, query_text
@@ -94,10 +95,21 @@ def get_batch(batch_id):
 @bp.get("/batches/<batch_id>/results")
 def batch_results(batch_id):
     """One row per input row, in input order, streamed; partial while the batch runs."""
+    file_format = results_format()
+    batch = batches.get_batch(get_session(), g.api_key.id, batch_id, g.api_key.is_operator)
+    return results_response(batch, file_format)
+
+
+def results_format():
+    """The query's ``format`` (default csv), or a 400 unless it is one of :data:`queue_engine.results.FORMATS`."""
     file_format = request.args.get("format", "csv")
     if file_format not in results.FORMATS:
         raise InvalidRequestError(f"format: {file_format!r} is not one of {', '.join(results.FORMATS)}")
-    batch = batches.get_batch(get_session(), g.api_key.id, batch_id, g.api_key.is_operator)
+    return file_format
+
+
+def results_response(batch, file_format):
+    """The streamed results of ``batch`` (also the dashboard's download)."""
     return Response(
         stream_results(current_app.extensions["qe_sessions"], batch.id, results.Layout(batch), file_format),
         content_type=results.FORMATS[file_format],
@@ -118,7 +130,4 @@ def stream_results(sessions, batch_id, layout, file_format):
 
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id):
-    session = get_session()
-    batch = batches.cancel_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
-    session.commit()
-    return batches.batch_to_dict(batch)
+    return batches.batch_to_dict(queueing.cancel_batch(batch_id))

@@ -7,6 +7,7 @@ from queue_engine.errors import InvalidRequestError
 from queue_engine.inputs import read_json, text_problem
 from queue_engine.schemas import JobCreate
 
+from . import queueing
 from .auth import require_api_key
 from .db import get_session
 from .queueing import submit_job
@@ -96,7 +97,4 @@ def list_jobs():
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id):
-    session = get_session()
-    job = jobs.cancel_job(session, g.api_key.id, job_id, g.api_key.is_operator)
-    session.commit()
-    return jobs.job_to_dict(job)
+    return jobs.job_to_dict(queueing.cancel_job(job_id))

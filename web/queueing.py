@@ -7,11 +7,18 @@ Accepted means stored: if the broker refuses (or is down), the work is
 marked unsent and the answer is still 202; the dispatcher sends it when the broker is back. If this process
 dies between the commit and the send, the dispatcher finds the messages
 missing from the broker and sends them (``queue_engine.dispatch``).
+
+Cancelling is here too, so that every way in (the API, the dashboard)
+counts what it submitted and what it cancelled in the metrics alike, once
+committed (``web/metrics.py``).
 """
 
 from flask import current_app, g
+from sqlalchemy import select
 
 from queue_engine import batches, faults, jobs, load, quotas, targets, tokenizers, tribunal, uploads
+from queue_engine.jobs import JobState
+from queue_engine.models import Batch, Job
 
 from . import metrics
 from .db import get_session
@@ -28,6 +35,7 @@ def submit_job(request_body, idempotency_key=None, kind="single", stream=False):
                                    stream=stream)
     session.commit()
     if created:
+        metrics.count_job(job)
         sender().send(jobs=[(job.id, job.model)])
     return job, created
 
@@ -52,8 +60,8 @@ def submit_tribunal(request_body, idempotency_key=None):
     first_steps = [(step.id, step.model) for step in steps]
     session.commit()
     if created:
+        metrics.count_tribunal(job, steps)
         sender().send(jobs=first_steps)
-        metrics.count_tribunal(job)
     return job, created
 
 
@@ -91,7 +99,38 @@ def submit_batch(request_body, file):
                                  file_format=file_format, filename=file.filename)
     quotas.check_waiting(session, g.api_key, quotas.batch_waiting(batch), stored=True)
     session.commit()
+    metrics.count_batch(batch)
     faults.crash_point(settings, faults.AFTER_COMMIT)  # its rows wait for a dispatcher: nothing lost
+    return batch
+
+
+def cancel_job(job_id):
+    """Cancel a job of the current key (an operator: any key's), counting
+    what that ended once it is committed: the job, or a tribunal's steps."""
+    session = get_session()
+    steps = session.scalars(select(Job.id).where(
+        Job.parent_id == job_id, Job.status.in_([JobState.QUEUED.value, JobState.RUNNING.value]))).all()
+    job = jobs.cancel_job(session, g.api_key.id, job_id, g.api_key.is_operator)
+    # Only the cancel that ended the tribunal cancels its steps, so those of
+    # its unfinished steps now cancelled are this call's.
+    cancelled_steps = session.execute(select(Job.model, Job.lane).where(
+        Job.id.in_(steps), Job.status == JobState.CANCELLED.value)).all() if steps else []
+    session.commit()
+    if job.kind != "tribunal":
+        metrics.count_cancelled(job.model, job.lane, "single")
+    for model, lane in cancelled_steps:
+        metrics.count_cancelled(model, lane, "tribunal_step")
+    return job
+
+
+def cancel_batch(batch_id):
+    """Cancel a batch of the current key (an operator: any key's), counting
+    the rows that ended with it (its queued rows) once it is committed."""
+    session = get_session()
+    before = session.scalar(select(Batch.cancelled).where(Batch.id == batch_id)) or 0
+    batch = batches.cancel_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
+    session.commit()
+    metrics.count_cancelled(batch.model, "bulk", "batch_item", batch.cancelled - before)
     return batch
 
 

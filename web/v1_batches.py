@@ -6,6 +6,7 @@ from flask import Blueprint, current_app, g
 
 from queue_engine import batches, openai_batches, quotas
 
+from . import metrics, queueing
 from .auth import require_api_key
 from .db import get_session
 from .jobs import json_body, query_int, query_text
@@ -24,6 +25,7 @@ def create_batch():
     quotas.check_budget(session, g.api_key)
     batch = openai_batches.create(session, g.api_key.id, settings, body, admit=admit_batch)
     session.commit()
+    metrics.count_batch(batch)
     return openai_batches.batch_to_dict(session, batch)
 
 
@@ -49,7 +51,5 @@ def get_batch(batch_id):
 
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id):
-    session = get_session()
-    batch = batches.cancel_batch(session, g.api_key.id, batch_id, g.api_key.is_operator)
-    session.commit()
-    return openai_batches.batch_to_dict(session, batch)
+    batch = queueing.cancel_batch(batch_id)
+    return openai_batches.batch_to_dict(get_session(), batch)

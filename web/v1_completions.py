@@ -26,6 +26,7 @@ from queue_engine.errors import InvalidRequestError, JobFailedError, JobFinished
 from queue_engine.jobs import FINISHED, JobState
 from queue_engine.models import Job
 
+from . import metrics
 from .auth import require_api_key
 from .db import close_session, get_session
 from .jobs import json_body
@@ -94,6 +95,7 @@ class Wait:
         session.commit()
         close_session()
         if gave_up:
+            metrics.count_cancelled(job.model, job.lane, "single")
             raise NoWorkerError(
                 f"no worker started this request within {self.settings.queue_timeout_seconds:g} s "
                 f"(openai.queue_timeout_seconds); it was cancelled. A worker for {job.model!r} may be starting: "
@@ -126,6 +128,7 @@ def give_up(job):
     try:
         jobs.cancel_job(session, job.owner_id, job.id)
         session.commit()
+        metrics.count_cancelled(job.model, job.lane, "single")
     except JobFinishedError:
         pass
     finally:

@@ -27,6 +27,11 @@ all finished requests add up to the engine's busy time
 aborted or failed. The bookkeeping is O(1) per step: the loop keeps a running
 total of what one request paid per lane (a step adds its share to it), and a
 request pays the difference between the total when it ends and when it entered.
+
+Metrics: the loop adds each step's size and time, and each request that
+leaves the engine, to plain numbers (:class:`~workers.metrics.EngineStats`);
+Prometheus reads them when it scrapes (``workers/metrics.py``), so no metrics
+library runs inside a step.
 """
 
 import dataclasses
@@ -39,8 +44,8 @@ from concurrent.futures import Future
 from queue_engine.errors import EngineRejectedError
 from queue_engine.fairshare import SeatQueue
 
-from . import metrics
 from .engine import Generation
+from .metrics import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +76,15 @@ class EngineLoop:
             Default: the engine's ``bulk_seats_with_interactive`` attribute
             (VllmEngine takes it from the model profile), else ``None``.
         clock: seconds, to time engine steps (tests pass their own).
+        metrics: keep :attr:`stats` (False: none; to measure what they cost,
+            ``bench/metrics_overhead.py``).
     """
 
     def __init__(self, engine, idle_wait=0.05, reserve=None, bulk_seats_with_interactive=FROM_ENGINE,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, metrics=True):
         self._engine = engine
+        #: Steps and requests in plain numbers, read by the metrics collector; None when off.
+        self.stats = EngineStats() if metrics else None
         self._clock = clock
         self._idle_wait = idle_wait
         if bulk_seats_with_interactive is FROM_ENGINE:
@@ -119,6 +128,11 @@ class EngineLoop:
     def bulk_waiting(self):
         return len(self._bulk_waiting)
 
+    def in_flight_by_lane(self):
+        """Requests in the engine per lane (read from another thread: a moment's figures)."""
+        bulk = len(self._bulk_in_engine)
+        return {"interactive": max(0, len(self._futures) - bulk), "bulk": bulk}
+
     def submit(self, request):
         """Hand ``request`` to the engine; the future resolves to its result."""
         if self._stopping.is_set():
@@ -161,13 +175,13 @@ class EngineLoop:
 
     def _abort(self, request_id):
         if self._futures.pop(request_id, None) is not None:
+            lane = "bulk" if request_id in self._bulk_in_engine else "interactive"
             self._left_engine(request_id)
             self._entered.pop(request_id, None)
             self._engine.abort(request_id)
-            metrics.REQUESTS.labels("aborted").inc()
+            self._count(lane, "aborted")
         elif self._bulk_waiting.remove(request_id) is not None:
-            metrics.REQUESTS.labels("aborted").inc()
-        self._report()
+            self._count("bulk", "aborted")
 
     def _seat_bulk_rows(self):
         while self._bulk_waiting and len(self._futures) < self._bulk_seats:
@@ -187,7 +201,7 @@ class EngineLoop:
         try:
             self._engine.add(payload)
         except EngineRejectedError as e:
-            metrics.REQUESTS.labels("rejected").inc()
+            self._count(payload.lane, "rejected")
             self._bulk_waiting.left(payload.request_id)
             future.set_exception(e)
             return
@@ -200,33 +214,37 @@ class EngineLoop:
 
     def _step(self):
         batch = min(len(self._futures), self._engine.max_num_seqs)
-        metrics.BATCH_SIZE.observe(batch)
         started = self._clock()
         try:
             finished = self._engine.step()
         except Exception as e:
-            metrics.ENGINE_BUSY.inc(self._clock() - started)
+            if self.stats is not None:
+                self.stats.step(batch, self._clock() - started)
             # A broken step fails everything in it; the tasks decide on retries.
             log.exception("engine step failed with %d requests in flight", len(self._futures))
             for request_id, future in self._futures.items():
                 self._engine.abort(request_id)
                 future.set_exception(e)
-            metrics.REQUESTS.labels("error").inc(len(self._futures))
+            bulk = len(self._bulk_in_engine)
+            self._count("bulk", "error", bulk)
+            self._count("interactive", "error", len(self._futures) - bulk)
             for request_id in list(self._bulk_in_engine):
                 self._left_engine(request_id)
             self._futures.clear()
             self._entered.clear()
         else:
-            self._pay(self._clock() - started)
+            seconds = self._clock() - started
+            if self.stats is not None:
+                self.stats.step(batch, seconds)
+            self._pay(seconds)
             for request_id, result in finished:
                 lane = "bulk" if request_id in self._bulk_in_engine else "interactive"
                 self._left_engine(request_id)
                 future = self._futures.pop(request_id, None)
                 if future is not None:
-                    metrics.REQUESTS.labels("finished").inc()
+                    self._count(lane, "finished")
                     entered = self._entered.pop(request_id, self._paid[lane])
                     future.set_result(with_engine_seconds(result, self._paid[lane] - entered))
-        self._report()
 
     def _left_engine(self, request_id):
         """A request is out of the engine (ended, aborted or failed): a bulk row frees its key's seat."""
@@ -242,7 +260,6 @@ class EngineLoop:
         together pay for that many seats, each an equal part; what every
         request paid still adds up to ``seconds``.
         """
-        metrics.ENGINE_BUSY.inc(seconds)
         bulk = len(self._bulk_in_engine)
         interactive = len(self._futures) - bulk
         running_bulk = bulk if self._bulk_limit is None else min(bulk, self._bulk_limit)
@@ -255,10 +272,10 @@ class EngineLoop:
         if bulk:
             self._paid["bulk"] += share * running_bulk / bulk
 
-    def _report(self):
-        """Set the gauges; after every step, so they read zero once the loop is idle."""
-        metrics.IN_FLIGHT.set(len(self._futures))
-        metrics.BULK_WAITING.set(len(self._bulk_waiting))
+    def _count(self, lane, outcome, count=1):
+        """Count requests that left the engine (or never entered it: rejected, aborted while waiting)."""
+        if self.stats is not None and count:
+            self.stats.ended(lane, outcome, count)
 
 
 def with_engine_seconds(result, seconds):

@@ -30,9 +30,8 @@ import time
 from queue_engine import dispatch, fairshare, keys, openai_batches, recovery, webhooks
 from queue_engine.broker import BROKER_ERRORS, send_chunks, send_jobs, send_webhook_events
 from queue_engine.db import is_unreachable, transaction
+from queue_engine.metrics import BROKER_LOSSES, DISPATCHED, LOST, RECOVERED
 from queue_engine.models import utcnow
-
-from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class Dispatcher:
 
     def __init__(self, celery_app, sessions, settings):
         self.app, self.sessions, self.settings = celery_app, sessions, settings
+        self.deployment = settings.autoscaler.deployment  # the metrics' label
         self.marker = secrets.token_hex(8)
         self._first_check = True
         self._connection = None
@@ -114,7 +114,7 @@ class Dispatcher:
                 "webhook": send_webhook_events(self.app, claimed["webhook"]),
             }
             for kind, items in claimed.items():
-                metrics.DISPATCHED.labels(kind).inc(len(items) - len(unsent[kind]))
+                DISPATCHED.labels(self.deployment, kind).inc(len(items) - len(unsent[kind]))
             if any(unsent.values()):
                 with transaction(self.sessions) as session:
                     dispatch.release_jobs(session, unsent["job"])
@@ -144,7 +144,7 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             forgotten = dispatch.forget_broker(session)
         self._suspects.clear()
-        metrics.BROKER_LOSSES.inc()
+        BROKER_LOSSES.labels(self.deployment).inc()
         if any(forgotten.values()):
             log.warning("the broker holds none of its messages (it restarted empty, or was flushed); sending again "
                         "%(jobs)d jobs, %(chunks)d chunks, %(webhook_events)d webhook events", forgotten)
@@ -156,8 +156,8 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             found = recovery.recover_abandoned(session, self.settings, utcnow())
         if found.requeued or found.failed:
-            metrics.RECOVERED.labels("requeued").inc(found.requeued)
-            metrics.RECOVERED.labels("failed").inc(found.failed)
+            RECOVERED.labels(self.deployment, "requeued").inc(found.requeued)
+            RECOVERED.labels(self.deployment, "failed").inc(found.failed)
             log.warning("%d running jobs and rows had an expired lease (their worker died): %d requeued, "
                         "%d failed after their last attempt", found.requeued + found.failed, found.requeued,
                         found.failed)
@@ -190,7 +190,7 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             release(session, lost)
         kind = "job" if lane == "interactive" else "chunk"
-        metrics.LOST.labels(kind).inc(len(lost))
+        LOST.labels(self.deployment, kind).inc(len(lost))
         log.warning("%s is missing %d %s messages the database says were sent; sending them again",
                     queue, len(lost), kind)
 

@@ -68,6 +68,8 @@ class Generation:
     #: Its share of the engine steps it ran in (each step's time split between
     #: its requests); the engine loop sets it (``workers/batcher.py``).
     engine_seconds: float | None = None
+    #: When its first token came out (Unix seconds), from vLLM's request stats; None where unknown.
+    first_token_at: float | None = None
 
 
 #: Params whose OpenAI meaning differs from vLLM's keyword of the same name; the rest pass through as they are.
@@ -134,11 +136,13 @@ class StreamedOutput:
         self.top = logprobs_asked(params)
         self.prompt_token_ids = None
         self.outputs = []  # one per choice, in index order
+        self.metrics = None  # vLLM's request stats (for first_token_at)
 
     def add(self, output):
         """Take one step's output; pass its new text on."""
         if self.prompt_token_ids is None:
             self.prompt_token_ids = output.prompt_token_ids
+        self.metrics = getattr(output, "metrics", None) or self.metrics
         deltas = []
         for delta in output.outputs:
             while len(self.outputs) <= delta.index:
@@ -164,6 +168,13 @@ class _Choice:
     @property
     def text(self):
         return "".join(self.texts)
+
+
+def first_token_time(stats):
+    """When the first token came out (Unix seconds), from vLLM's ``RequestOutput.metrics``
+    (kept while the engine logs stats, its default); None without them."""
+    arrival, latency = getattr(stats, "arrival_time", 0.0), getattr(stats, "first_token_latency", 0.0)
+    return arrival + latency if arrival and latency else None
 
 
 def extra_output(output, params, tokenizer):
@@ -324,6 +335,7 @@ class VllmEngine:
             prompt_tokens=len(output.prompt_token_ids or ()),
             completion_tokens=sum(len(c.token_ids) for c in output.outputs),
             output=extra_output(output, params, self._tokenizer),
+            first_token_at=first_token_time(getattr(output, "metrics", None)),
         )
 
     def abort(self, request_id):

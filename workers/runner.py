@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from queue_engine import leases
 from queue_engine.db import try_transaction
 
+from . import metrics
 from .engine import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Runner:
             for work in works:
                 work.future.set_exception(e)
             raise
+        metrics.count_claimed(runtime.settings.autoscaler.deployment, items)
         owner = {job_id: work for work in works for job_id in work.job_ids}
         owner.update({chunk: work for work in works for chunk in work.chunks})
         for item in items:
@@ -196,6 +198,7 @@ class Runner:
         finally:
             for outcome in outcomes:
                 self._release(outcome.item.id)
+        metrics.count_finished(runtime.settings.autoscaler.deployment, outcomes, finished)
         self._announce_streamed_ends(outcomes)
         if finished.next_jobs:
             runtime.sender.send(jobs=finished.next_jobs)

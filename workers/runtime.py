@@ -7,11 +7,12 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from celery import signals
 
-from queue_engine import allocations, keys, leases, streams
+from queue_engine import allocations, keys, leases, metrics, streams
 from queue_engine.broker import Sender
 from queue_engine.db import make_sessions, run_transaction, transaction, upgrade_database
 
@@ -20,6 +21,7 @@ from .bulk import BulkConsumer
 from .celery_app import make_celery
 from .dispatcher import start_dispatcher
 from .engine import EngineSettings, VllmEngine
+from .metrics import ENGINE
 from .runner import Runner
 from .streaming import StreamPublisher
 from .webhooks import attach_delivery
@@ -64,9 +66,13 @@ def load_runtime(celery_app, model, log=log.info):
     profile = settings.profile(model)
     engine_settings = EngineSettings.from_profile(profile, settings, log=log)
     log(f"loading {model!r} from {engine_settings.model_dir}")
+    started = time.monotonic()
     engine = VllmEngine(engine_settings)
+    load_seconds = time.monotonic() - started
     sessions = make_sessions(settings.sqlalchemy_url)
     loop = EngineLoop(engine).start()
+    ENGINE.watch(settings.autoscaler.deployment, model, loop, load_seconds)
+    metrics.initialize(settings, "worker", [model])
     runtime = WorkerRuntime(
         settings=settings,
         model=model,

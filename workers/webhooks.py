@@ -18,9 +18,8 @@ from urllib.parse import urlsplit
 import urllib3
 from queue_engine import keys, targets, webhooks
 from queue_engine.db import transaction
+from queue_engine.metrics import WEBHOOK_ATTEMPTS
 from queue_engine.models import utcnow
-
-from .metrics import WEBHOOK_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def deliver_webhook(task, event_id):
     outcome = post_event(attempt, context.settings.webhook_networks)
     with transaction(context.sessions) as session:
         state = webhooks.finish_attempt(session, attempt, outcome, context.settings.webhook_retry_delays)
-    WEBHOOK_ATTEMPTS.labels(result=state.value).inc()
+    WEBHOOK_ATTEMPTS.labels(context.settings.autoscaler.deployment, state.value).inc()
     log.info("webhook %s attempt %d to %s: %s -> %s", event_id, attempt.number, attempt.url,
              outcome.status_code or outcome.error, state.value)
 

@@ -3,7 +3,6 @@ running vLLM (the CPU build) on the tiny model, the web app over real HTTP,
 and PostgreSQL."""
 
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from tests.helpers import (
     RedisServer,
     WebInProcess,
     free_port,
+    metric_value,
     spawn,
     stop_process,
     wait_until,
@@ -168,15 +168,10 @@ class Worker:
     def __init__(self, process, metrics_port, log_path, model):
         self.process, self.metrics_port, self.log_path, self.model = process, metrics_port, log_path, model
 
-    def metrics(self):
-        """The worker's Prometheus samples as ``{name{labels}: value}``."""
-        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        samples = {}
-        for line in text.splitlines():
-            match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([\d.e+-]+|NaN|\+Inf)$", line)
-            if match:
-                samples[match.group(1)] = float(match.group(2))
-        return samples
+    def metric(self, name, **labels):
+        """The sum of the worker's samples called ``name`` whose labels include ``labels``."""
+        return metric_value(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text,
+                            name, **labels)
 
     def log_tail(self, lines=40):
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])

@@ -12,7 +12,6 @@ from queue_engine.models import Job, UsageDaily
 
 pytestmark = pytest.mark.integration
 
-BUSY = "qe_engine_busy_seconds_total"
 
 
 def sums_by_owner(session, table, count, where=()):
@@ -68,5 +67,5 @@ def test_usage_and_engine_time_add_up_with_a_real_worker(cluster):
     # Every step's time went to the requests in it: with none aborted or failed, their engine seconds add
     # up to the worker's busy time (the warm-up job's too), up to float rounding.
     assert missing_time == 0
-    busy = worker.metrics()[BUSY]
+    busy = worker.metric("qe_engine_busy_seconds_total")
     assert busy > 0 and all_engine_seconds == pytest.approx(busy, rel=1e-6)

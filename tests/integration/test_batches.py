@@ -14,7 +14,6 @@ from tests.helpers import queue_engine_command, wait_until
 
 pytestmark = pytest.mark.integration
 
-FINISHED = 'qe_engine_requests_total{outcome="finished"}'
 
 
 def csv_file(rows, header=("id", "prompt")):
@@ -37,7 +36,7 @@ def results_table(client, batch_id, file_format="csv"):
 def test_a_2000_row_csv_runs_end_to_end(cluster):
     client = cluster.new_client()
     worker = cluster.workers[0]
-    finished_before = worker.metrics()[FINISHED]
+    finished_before = worker.metric("qe_engine_requests_total", outcome="finished")
     rows = [(f"row-{i:04}", f"Question {i}: what comes after {i}?" if i % 250 else "") for i in range(2000)]
     rows[7] = ("=HYPERLINK(\"x\")", "A formula-looking id")
     batch = client.submit_batch(csv_file(rows), "tiny", filename="questions.csv",
@@ -59,7 +58,7 @@ def test_a_2000_row_csv_runs_end_to_end(cluster):
     assert all(row["text"] and 1 <= int(row["completion_tokens"]) <= 4 and int(row["prompt_tokens"]) > 0
                for row in succeeded)
     # Every row ran once: the engine finished exactly one request per row.
-    assert worker.metrics()[FINISHED] - finished_before == 1992
+    assert worker.metric("qe_engine_requests_total", outcome="finished") - finished_before == 1992
 
 
 def test_an_openai_batch_jsonl_file_runs_with_its_per_line_parameters(cluster):

@@ -98,17 +98,39 @@ def test_a_batch_runs_in_embedded_mode(embedded):
     assert done["request_counts"] == {"total": 100, "completed": 100, "failed": 0, "cancelled": 0}
 
 
-def test_demo_command_runs_sample_prompts(tmp_path, tiny_model_dir):
-    """`queue-engine demo` (the README's first command) prints every sample's answer."""
-    config = tmp_path / "queue-engine.toml"
+def run_demo(directory, tiny_model_dir, *args):
+    """`queue-engine demo --prompts 3` with ``args`` on the tiny model, its data in ``directory``."""
+    config = directory / "queue-engine.toml"
     config.write_text(f'[models.tiny]\npath = "{tiny_model_dir}"\n')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUEUE_ENGINE_")},
-           "QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(tmp_path / "data")}
-    demo = subprocess.run([queue_engine_command(), "demo", "--prompts", "3"], env=env,
+           "QUEUE_ENGINE_CONFIG": str(config), "QUEUE_ENGINE_DATA_DIR": str(directory / "data")}
+    demo = subprocess.run([queue_engine_command(), "demo", "--prompts", "3", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert demo.stdout.count("[succeeded]") == 3
     assert "3 jobs, " in demo.stdout
+    return demo
+
+
+def test_demo_command_runs_sample_prompts_quietly(tmp_path, tiny_model_dir):
+    """`queue-engine demo` (the README's first command) prints its own lines only: the
+    log file, the engine loading, the server, every answer, the summary."""
+    demo = run_demo(tmp_path, tiny_model_dir)
+    shown = demo.stdout + demo.stderr
+    assert "Task queue_engine.run_job" not in shown and "vllm" not in shown
+    assert len(shown.splitlines()) == 4 + 3, shown
+    log = (tmp_path / "data" / "logs" / "queue-engine.log").read_text()
+    assert log.count("Task queue_engine.run_job") == 6  # received and succeeded, per job
+    assert "INFO vllm.v1.engine.core" in log  # vLLM's own log lines
+    assert "Loading safetensors checkpoint shards" in log  # a progress bar on stderr
+
+
+def test_demo_verbose_shows_the_log_lines(tmp_path, tiny_model_dir):
+    """`queue-engine demo -v` shows the log lines on the terminal too, and still writes the log file."""
+    demo = run_demo(tmp_path, tiny_model_dir, "-v")
+    assert demo.stderr.count("Task queue_engine.run_job") == 6
+    assert "INFO vllm.v1.engine.core" in demo.stderr
+    assert "succeeded in" in (tmp_path / "data" / "logs" / "queue-engine.log").read_text()
 
 
 def test_a_tribunal_runs_in_embedded_mode(embedded):

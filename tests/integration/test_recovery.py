@@ -17,7 +17,6 @@ from tests.integration.conftest import Cluster
 pytestmark = pytest.mark.integration
 
 JOBS = 24
-FINISHED = 'qe_engine_requests_total{outcome="finished"}'
 
 
 @pytest.fixture
@@ -57,7 +56,7 @@ def test_sigkilled_worker_loses_no_job(fragile_cluster):
     completed_by_second = [job_id for job_id, owner in owners.items() if owner not in dead_worker]
     assert completed_by_second, "the second worker finished the dead worker's jobs"
     # Exactly once: the second worker's engine finished one request per job it completed, no more.
-    assert second.metrics()[FINISHED] == len(completed_by_second)
+    assert second.metric("qe_engine_requests_total", outcome="finished") == len(completed_by_second)
 
 
 def lease_owners(cluster, job_ids):
@@ -89,7 +88,7 @@ def test_a_chunk_held_by_a_sigkilled_worker_comes_back_and_every_row_ends_once(f
     assert len(dead) == 1
     by_second = [job_id for job_id, owner in rows if owner not in dead]
     assert 0 < len(by_second) < 600, "the first worker's finished rows were kept, the rest run by the second"
-    assert second.metrics()[FINISHED] == len(by_second)
+    assert second.metric("qe_engine_requests_total", outcome="finished") == len(by_second)
 
 
 def batch_rows(cluster, batch_id, *where):

@@ -11,6 +11,11 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.integration
 
 
+def batch_steps(worker):
+    """The worker's engine steps so far: all of them, those of one request, those of 8 or fewer."""
+    return (worker.metric("qe_engine_batch_size_count"), worker.metric("qe_engine_batch_size_bucket", le="1.0"),
+            worker.metric("qe_engine_batch_size_bucket", le="8.0"))
+
 def submit_all(client, bodies):
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(client.submit_job, bodies))
@@ -25,7 +30,7 @@ def test_64_concurrent_jobs_succeed_in_shared_batches(cluster):
     """64 jobs at once all succeed with text and token counts, and the engine ran them in batches."""
     worker = cluster.workers[0]
     client = cluster.new_client()
-    before = worker.metrics()
+    before = batch_steps(worker)
     jobs = submit_all(client, [
         {"model": "tiny", "prompt": f"The number {i} is", "params": {"max_tokens": 32, "temperature": 0.7, "seed": i}}
         for i in range(64)
@@ -36,10 +41,8 @@ def test_64_concurrent_jobs_succeed_in_shared_batches(cluster):
         assert job["result"]["text"] and job["result"]["finish_reason"] in ("length", "stop")
         assert job["usage"]["prompt_tokens"] > 0 and 0 < job["usage"]["completion_tokens"] <= 32
         assert job["attempts"] == 1
-    after = worker.metrics()
-    steps = after["qe_engine_batch_size_count"] - before["qe_engine_batch_size_count"]
-    solo_steps = after['qe_engine_batch_size_bucket{le="1.0"}'] - before['qe_engine_batch_size_bucket{le="1.0"}']
-    big_steps = steps - (after['qe_engine_batch_size_bucket{le="8.0"}'] - before['qe_engine_batch_size_bucket{le="8.0"}'])
+    steps, solo_steps, eight_or_fewer = (after - at_first for after, at_first in zip(batch_steps(worker), before))
+    big_steps = steps - eight_or_fewer
     assert steps < 64 * 32, "never one request per step"
     assert big_steps > 0, "some steps ran more than 8 requests together"
     assert solo_steps < steps
@@ -87,12 +90,12 @@ def test_cancelled_running_job_is_aborted_in_the_engine(cluster):
     """Cancelling a running job frees its engine slot and no result is stored."""
     worker = cluster.workers[0]
     client = cluster.new_client()
-    aborted = worker.metrics().get('qe_engine_requests_total{outcome="aborted"}', 0)
+    aborted = worker.metric("qe_engine_requests_total", outcome="aborted")
     job = client.submit_job({"model": "tiny", "prompt": "Go on", "params": {"max_tokens": 500, "temperature": 0}})
     wait_until(lambda: client.get_job(job["id"])["status"] == "running", 60, "the job to start")
     cancelled = client._call("POST", f"/api/v1/jobs/{job['id']}/cancel")
     assert cancelled["status"] == "cancelled"
-    wait_until(lambda: worker.metrics().get('qe_engine_requests_total{outcome="aborted"}', 0) > aborted, 30,
+    wait_until(lambda: worker.metric("qe_engine_requests_total", outcome="aborted") > aborted, 30,
                "the worker to abort the request")
     final = client.get_job(job["id"])
     assert final["status"] == "cancelled" and final["result"] is None

@@ -13,7 +13,6 @@ from tests.integration.conftest import Cluster
 
 pytestmark = pytest.mark.integration
 
-FINISHED = 'qe_engine_requests_total{outcome="finished"}'
 BYPASS_BACKLOG = 200
 TINY_B = """
 [models.tiny-b]
@@ -44,11 +43,11 @@ def steps_of(cluster, job_id):
 
 def finished_by_model(cluster):
     """How many requests each worker's engine has finished."""
-    return {worker.model: worker.metrics()[FINISHED] for worker in cluster.workers}
+    return {worker.model: worker.metric("qe_engine_requests_total", outcome="finished") for worker in cluster.workers}
 
 
 def in_flight(cluster):
-    return sum(worker.metrics()["qe_engine_in_flight"] for worker in cluster.workers)
+    return sum(worker.metric("qe_engine_in_flight") for worker in cluster.workers)
 
 
 def test_the_full_trace_of_a_tribunal_that_never_bypasses(two_models):

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import make_key
-from tests.helpers import stop_process, wait_until
+from tests.helpers import metric_value, stop_process, wait_until
 from tests.integration.conftest import Cluster
 from tests.integration.test_embedded import start_embedded
 
@@ -54,9 +54,7 @@ def native_job(server, job_id):
 
 
 def engine_count(server, outcome):
-    text = requests.get(server["metrics"], timeout=10).text
-    line = f'qe_engine_requests_total{{outcome="{outcome}"}} '
-    return next((float(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0.0)
+    return metric_value(requests.get(server["metrics"], timeout=10).text, "qe_engine_requests_total", outcome=outcome)
 
 
 def test_a_chat_completion_is_a_job_on_the_interactive_lane(server):

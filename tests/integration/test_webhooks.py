@@ -68,7 +68,7 @@ def attempts_counted(cluster):
     """``qe_webhook_attempts_total`` by result, from the delivering `serve`'s /metrics."""
     text = requests.get(cluster.delivery_url + "/metrics", timeout=5).text
     return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'^qe_webhook_attempts_total\{result="(\w+)"\} ([\d.e+]+)$', text, re.M)}
+            for m in re.finditer(r'^qe_webhook_attempts_total\{deployment="\w+",result="(\w+)"\} ([\d.e+]+)$', text, re.M)}
 
 
 def test_a_receiver_failing_twice_gets_three_attempts_with_one_id(cluster, user):

@@ -98,7 +98,7 @@ def test_a_dead_workers_rows_are_queued_again_and_their_chunk_resent(sessions, s
     again = claim(sessions, batch.id, worker="w2")
     assert [row.id for row in again] == [rows[2].id] and again[0].attempts == 2
     late = finish(sessions, settings, rows[2:], worker="w1")
-    assert late == ([], [], []), "the dead worker's late result is refused"
+    assert late == ([], [], [], []), "the dead worker's late result is refused"
     assert finish(sessions, settings, again, worker="w2").ended == [rows[2].id]
     ended = read(sessions, batch.id)
     assert (ended.status, ended.completed, ended.failed) == ("completed", 3, 0)

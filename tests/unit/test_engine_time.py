@@ -6,7 +6,6 @@ the sum of its shares, and the worker's busy time is the sum of the steps."""
 from concurrent.futures import wait
 
 import pytest
-from prometheus_client import REGISTRY
 
 from tests.helpers import wait_until
 from tests.unit.test_batcher import ScriptedEngine, request
@@ -34,13 +33,9 @@ class TimedEngine(ScriptedEngine):
         return [(request_id, Generation(text, "stop", 1, 1)) for request_id, text in finished]
 
 
-def busy_seconds():
-    return REGISTRY.get_sample_value("qe_engine_busy_seconds_total")
-
-
 def run_to_end(engine, requests, **options):
     """Hand ``requests`` to a new loop before it starts (so they enter the same first step); their results."""
-    loop = EngineLoop(engine, clock=engine.clock, **options)
+    loop = engine.loop = EngineLoop(engine, clock=engine.clock, **options)
     futures = {r.request_id: loop.submit(r) for r in requests}
     loop.start()
     try:
@@ -53,14 +48,13 @@ def run_to_end(engine, requests, **options):
 def test_each_step_is_split_evenly_between_the_requests_in_it():
     """Three requests of 1, 2 and 4 steps: each pays an equal share of every step it ran in."""
     engine = TimedEngine([0.3, 0.2, 0.5, 0.1])
-    busy_before = busy_seconds()
     results = run_to_end(engine, [request("a", steps=1), request("b", steps=2), request("c", steps=4)])
     assert engine.batches == [["a", "b", "c"], ["b", "c"], ["c"], ["c"]]
     seconds = {request_id: result.engine_seconds for request_id, result in results.items()}
     assert seconds == pytest.approx({"a": 0.1, "b": 0.1 + 0.1, "c": 0.1 + 0.1 + 0.5 + 0.1})
     # Everything the requests paid is the engine's busy time.
     assert sum(seconds.values()) == pytest.approx(1.1)
-    assert busy_seconds() - busy_before == pytest.approx(1.1)
+    assert engine.loop.stats.busy_seconds == pytest.approx(1.1)
     assert results["a"].text == "done a" and results["a"].prompt_tokens == 1
 
 
@@ -68,7 +62,6 @@ def test_held_bulk_rows_pay_only_for_the_seats_bulk_ran_in():
     """Under a bound of one bulk row beside interactive work, the bulk rows together pay one seat of
     each step (an equal part each: the loop does not know which row ran); the sums still add up."""
     engine = TimedEngine([0.4, 0.4, 0.4])
-    busy_before = busy_seconds()
     results = run_to_end(engine, [request("i", steps=2), *(request(f"b{n}", steps=1, lane="bulk") for n in range(3))],
                          bulk_seats_with_interactive=1)
     assert engine.batches == [["b0", "i"], ["b1", "i"], ["b2"]]
@@ -78,7 +71,7 @@ def test_held_bulk_rows_pay_only_for_the_seats_bulk_ran_in():
     assert seconds == pytest.approx({"i": 0.2 + 0.2, "b0": 0.2 / 3, "b1": 0.2 / 3 + 0.2 / 2,
                                      "b2": 0.2 / 3 + 0.2 / 2 + 0.4})
     assert sum(seconds.values()) == pytest.approx(1.2)
-    assert busy_seconds() - busy_before == pytest.approx(1.2)
+    assert engine.loop.stats.busy_seconds == pytest.approx(1.2)
 
 
 def test_a_late_request_pays_from_its_first_step_and_an_aborted_one_charges_nobody():
@@ -87,7 +80,6 @@ def test_a_late_request_pays_from_its_first_step_and_an_aborted_one_charges_nobo
     engine = TimedEngine([0.2, 0.2, 0.2, 0.2])
     engine.gated = True
     loop = EngineLoop(engine, idle_wait=0.01, clock=engine.clock).start()
-    busy_before = busy_seconds()
     try:
         long = loop.submit(request("long", steps=10))
         engine.step_gate.release()
@@ -107,4 +99,4 @@ def test_a_late_request_pays_from_its_first_step_and_an_aborted_one_charges_nobo
         engine.step_gate.release()
         loop.stop()
     assert not long.done()
-    assert len(engine.batches) == 4 and busy_seconds() - busy_before == pytest.approx(0.8)
+    assert len(engine.batches) == 4 and loop.stats.busy_seconds == pytest.approx(0.8)

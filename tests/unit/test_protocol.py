@@ -231,7 +231,7 @@ def test_an_outcome_finished_twice_counts_once(sessions, settings, owner):
     items = claim(sessions, job_ids=[job_id], chunks=[(batch_id, 0)])
     outcomes = [success(item) for item in items]
     assert sorted(finish(sessions, settings, outcomes).ended) == sorted(item.id for item in items)
-    assert finish(sessions, settings, outcomes) == ([], [], [])
+    assert finish(sessions, settings, outcomes) == ([], [], [], [])
     counted = batch(sessions, batch_id)
     assert (counted.status, counted.completed, counted.failed) == ("completed", 2, 0)
     assert len(events(sessions)) == 2
@@ -242,7 +242,7 @@ def test_a_late_step_of_a_cancelled_tribunal_schedules_nothing(sessions, setting
     items = claim(sessions, job_ids=candidates)
     with transaction(sessions) as session:
         jobs.cancel_job(session, owner, parent)
-    assert finish(sessions, settings, [success(item) for item in items]) == ([], [], [])
+    assert finish(sessions, settings, [success(item) for item in items]) == ([], [], [], [])
     assert [job(sessions, step).status for step in candidates] == ["cancelled", "cancelled"]
     assert job(sessions, parent).status == "cancelled"
 

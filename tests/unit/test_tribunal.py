@@ -159,7 +159,7 @@ def test_cancel_stops_the_steps_and_schedules_nothing(sessions, settings, owner)
     assert [s.status for s in steps_of(sessions, job.id)] == ["succeeded", "cancelled"]
     with transaction(sessions) as session:
         late = succeed(session, settings, candidates[1].id, "w2", text="late")
-    assert late == ([], [], []), "the late result is dropped and schedules nothing"
+    assert late == ([], [], [], []), "the late result is dropped and schedules nothing"
     assert reload(sessions, job.id).status == "cancelled"
     assert len(steps_of(sessions, job.id)) == 2
 

@@ -100,7 +100,8 @@ def test_always_bypasses_and_never_ignores_the_backlog(client, auth, broker):
 def test_bypasses_are_counted_in_the_metrics(client, auth, broker):
     def count(run):
         text = client.get("/metrics").get_data(as_text=True)
-        line = next((ln for ln in text.splitlines() if ln.startswith(f'qe_tribunals_total{{run="{run}"}}')), None)
+        line = next((ln for ln in text.splitlines()
+                     if ln.startswith(f'qe_tribunals_total{{deployment="main",run="{run}"}}')), None)
         return float(line.split()[-1]) if line else 0.0
 
     before = {run: count(run) for run in ("full", "bypassed_under_load", "bypassed_on_request")}
