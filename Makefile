@@ -40,4 +40,6 @@ bench: setup system-deps
 	$(BIN)/python bench/webhooks.py
 	$(BIN)/python bench/scale_out.py
 	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/metrics_overhead.py
+	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/report.py

@@ -16,7 +16,6 @@ median without (the goal is 0.99 or more), and one JSON object as its last line.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from workers.batcher import EngineLoop  # noqa: E402
 from workers.engine import EngineSettings, GenerationRequest, VllmEngine, resolve_model_dir  # noqa: E402
 from workers.metrics import EngineCollector  # noqa: E402
+from bench.results import save  # noqa: E402
 
 CACHE = Path(os.environ.get("QUEUE_ENGINE_BENCH_CACHE", Path.home() / ".cache" / "queue-engine-bench"))
 GOAL = 0.99
@@ -100,14 +100,14 @@ def main():
     on, off = statistics.median(runs[True]), statistics.median(runs[False])
     ratio = on / off
     print(f"median tokens/s: on {on:,.0f}, off {off:,.0f}; ratio {ratio:.3f} (goal >= {GOAL})")
-    print(json.dumps({
+    save("metrics_overhead", {
         "bench": "metrics_overhead", "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens,
         "rounds": args.rounds, "scrape_interval_s": args.scrape_interval,
         "tokens_per_s_on": [round(rate, 1) for rate in runs[True]],
         "tokens_per_s_off": [round(rate, 1) for rate in runs[False]],
         "median_on": round(on, 1), "median_off": round(off, 1), "ratio": round(ratio, 4), "goal": GOAL,
         "meets_goal": ratio >= GOAL,
-    }))
+    })
 
 
 if __name__ == "__main__":

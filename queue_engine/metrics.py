@@ -3,7 +3,7 @@
 Each metric is defined here once: name, type, help, labels and which
 processes expose it. The web, the workers and the autoscaler import their
 metrics from this module, so a name is never spelled twice, and the README's
-table is checked against :data:`CATALOGUE` (``tests/unit/test_metrics_readme.py``).
+table is checked against :data:`CATALOGUE` (``tests/unit/test_metrics_docs.py``).
 
 Every metric carries the ``deployment`` label (``autoscaler.deployment``),
 so several deployments can share one Prometheus; ``model`` and ``lane``
