@@ -69,7 +69,8 @@ class Generation:
     #: its requests); the engine loop sets it (``workers/batcher.py``).
     engine_seconds: float | None = None
     #: When its first token came out (Unix seconds), from vLLM's request stats; None where unknown.
-    first_token_at: float | None = None
+    #: A timing, not part of what was generated: two equal generations may differ in it.
+    first_token_at: float | None = field(default=None, compare=False)
 
 
 #: Params whose OpenAI meaning differs from vLLM's keyword of the same name; the rest pass through as they are.
